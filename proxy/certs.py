@@ -1,0 +1,224 @@
+"""Certificates per domain: where they come from, whether they serve, and what went wrong.
+
+This module owns the certificate files in ``state_dir/certs/DOMAIN/`` and the operator's
+own ``{cert, key}`` pairs: it makes self-signed certificates for local use, loads every
+pair into a serving context (through ``tls``), and keeps a status per domain with the
+statuses of SPEC §5 (``inactive``, ``valid``, ``expired``, ``failed``, ...).
+
+A refused file never takes away what was serving: :meth:`CertificateStore.load` keeps
+the previous context of a domain whose new files are broken and records why in
+``last_error``. Which contexts the HTTPS listener serves is decided by the caller, which
+hands :meth:`CertificateStore.contexts` to ``tls.ServerTLS`` in one swap.
+
+Issuing and renewing ACME certificates is certbot's job (through the plugin); this module
+only picks up what certbot deployed into ``state_dir/certs/DOMAIN/``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+
+from proxy.config import Config, Domain
+from proxy.tls import CertificateLoadError, context_for_files, load_pem_chain
+
+STATUSES = ("inactive", "pending", "valid", "expired", "failed", "unavailable")
+
+#: Names of the files certbot's trackproxy installer deploys (and the proxy reads).
+ACME_FULLCHAIN = "fullchain.pem"
+ACME_PRIVKEY = "privkey.pem"
+SELF_SIGNED_CERT = "self-signed.pem"
+SELF_SIGNED_KEY = "self-signed.key"
+
+SELF_SIGNED_LIFETIME = datetime.timedelta(days=365)
+#: A self-signed certificate this close to its end is made again at start-up.
+SELF_SIGNED_REFRESH = datetime.timedelta(days=30)
+
+
+@attrs.frozen
+class CertificateState:
+    """What one domain serves, as status reports it."""
+
+    domain: str
+    source: str  # acme | files | self-signed | none
+    status: str
+    context: SSL.Context | None = attrs.field(default=None, eq=False, repr=False)
+    not_after: datetime.datetime | None = None
+    last_error: str | None = None
+    #: The files this state was loaded from, and their modification times, so a watcher
+    #: can tell when they change.
+    files: tuple[tuple[str, int], ...] = ()
+
+
+def domain_cert_dir(state_dir: str, domain: str) -> str:
+    return os.path.join(state_dir, "certs", domain)
+
+
+def certificate_files(config: Config, domain: Domain) -> tuple[str, str] | None:
+    """The (fullchain, key) paths a domain serves from, or None for ``none``."""
+    spec = domain.certificate
+    directory = domain_cert_dir(config.state_dir, domain.name)
+    if spec.kind == "files":
+        return spec.cert, spec.key  # type: ignore[return-value]
+    if spec.kind == "self-signed":
+        return (os.path.join(directory, SELF_SIGNED_CERT), os.path.join(directory, SELF_SIGNED_KEY))
+    if spec.kind == "acme":
+        return (os.path.join(directory, ACME_FULLCHAIN), os.path.join(directory, ACME_PRIVKEY))
+    return None
+
+
+def _mtimes(paths: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    result = []
+    for path in paths:
+        try:
+            result.append((path, os.stat(path).st_mtime_ns))
+        except OSError:
+            result.append((path, 0))
+    return tuple(result)
+
+
+class CertificateStore:
+    """Loads each domain's certificate and remembers the last one that worked.
+
+    Args:
+        now: the current time as an aware UTC datetime (injected so tests control it).
+    """
+
+    def __init__(self, now: Callable[[], datetime.datetime]) -> None:
+        self._now = now
+        self._states: dict[str, CertificateState] = {}
+
+    @property
+    def states(self) -> Mapping[str, CertificateState]:
+        return dict(self._states)
+
+    def contexts(self) -> dict[str, SSL.Context]:
+        """name -> context for every domain that has something to serve."""
+        return {d: s.context for d, s in self._states.items() if s.context is not None}
+
+    def load(self, config: Config) -> dict[str, CertificateState]:
+        """Load every domain of ``config``; domains no longer configured are dropped.
+
+        Self-signed certificates that are missing or stale are made first.
+        """
+        states: dict[str, CertificateState] = {}
+        for domain in config.domains.values():
+            if domain.certificate.kind == "self-signed":
+                ensure_self_signed(config, domain, self._now())
+            states[domain.name] = self._load_domain(config, domain)
+        self._states = states
+        return dict(states)
+
+    def _load_domain(self, config: Config, domain: Domain) -> CertificateState:
+        source = domain.certificate.source
+        files = certificate_files(config, domain)
+        if files is None:
+            return CertificateState(domain.name, source, "inactive")
+        fingerprint = _mtimes(files)
+        previous = self._states.get(domain.name)
+        if previous is not None and previous.source == source and previous.files == fingerprint:
+            return attrs.evolve(previous, status=self._status_for(previous.not_after, previous))
+        if source == "acme" and not os.path.exists(files[0]):
+            # Nothing issued yet: the domain waits for certbot.
+            return CertificateState(domain.name, source, "inactive", files=fingerprint)
+        try:
+            context = context_for_files(*files)
+            not_after = load_pem_chain(files[0])[0].not_valid_after_utc
+        except (CertificateLoadError, OSError, ValueError) as e:
+            reason = e.reason if isinstance(e, CertificateLoadError) else f"{files[0]}: {e}"
+            if previous is not None and previous.context is not None and previous.source == source:
+                # Keep serving what worked; say what was refused.
+                return attrs.evolve(previous, last_error=reason, files=fingerprint)
+            return CertificateState(domain.name, source, "failed", last_error=reason, files=fingerprint)
+        state = CertificateState(
+            domain.name, source, "valid", context=context, not_after=not_after, files=fingerprint
+        )
+        return attrs.evolve(state, status=self._status_for(not_after, state))
+
+    def _status_for(self, not_after: datetime.datetime | None, state: CertificateState) -> str:
+        if state.context is None:
+            return state.status
+        if not_after is not None and not_after <= self._now():
+            return "expired"
+        return "valid"
+
+
+def ensure_self_signed(config: Config, domain: Domain, now: datetime.datetime) -> None:
+    """Make ``domain``'s self-signed certificate unless a usable one is already there.
+
+    Kept across restarts so that a browser exception or a pinned test client keeps
+    working; made again when missing, unreadable, for another name, or near its end.
+    """
+    cert_path, key_path = certificate_files(config, domain)  # type: ignore[misc]
+    if _self_signed_is_usable(cert_path, key_path, domain.name, now):
+        return
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain.name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + SELF_SIGNED_LIFETIME)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain.name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory = os.path.dirname(cert_path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    write_atomically(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        mode=0o600,
+    )
+    write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def _self_signed_is_usable(cert_path: str, key_path: str, name: str, now: datetime.datetime) -> bool:
+    if not (os.path.isfile(cert_path) and os.path.isfile(key_path)):
+        return False
+    try:
+        cert = load_pem_chain(cert_path)[0]
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        context_for_files(cert_path, key_path)
+    except (OSError, ValueError, x509.ExtensionNotFound, CertificateLoadError):
+        return False
+    return (
+        name in names.get_values_for_type(x509.DNSName)
+        and cert.not_valid_after_utc - now > SELF_SIGNED_REFRESH
+    )
+
+
+def write_atomically(path: str, data: bytes, mode: int) -> None:
+    """Write, fsync and rename, so a reader sees the old file or the new one, never half."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,197 @@
+"""TLS policy on both sides: the SNI map that serves client handshakes, and upstream trust.
+
+Server side: one default :class:`OpenSSL.SSL.Context` for the life of the process carries
+every security setting (TLS 1.2 minimum, modern ciphers, no compression, session cache
+and tickets) and a server-name callback. The callback looks the client's SNI up in a
+``name -> Context`` mapping and switches the connection to that domain's context, which
+carries only a certificate and key. OpenSSL keeps protocol range, ciphers and session
+keys from the initial context, so settings live in one place and resumption keeps
+working across certificate swaps. A name that is not in the mapping (or no SNI at all)
+makes the callback raise, which pyOpenSSL turns into a fatal ``unrecognized_name`` alert:
+no certificate is ever served for a name that is not configured.
+
+The mapping is replaced whole (:meth:`ServerTLS.set_contexts`), never mutated: a reload
+builds every context first and then swaps one reference. Open connections keep the
+context they were handshaken with.
+
+Client side: :func:`upstream_tls_options` builds, once per upstream, the options that
+verify the upstream's certificate for its host name and send that name as SNI.
+
+Loading certificate files, generating self-signed ones and tracking their state belongs
+to ``certs``; this module only turns PEM files into contexts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from types import MappingProxyType, TracebackType
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl as tssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+
+#: The same session-id context on every context, so sessions stay resumable after the
+#: server-name callback has switched contexts.
+_SESSION_ID_CONTEXT = b"trackproxy"
+
+#: Mozilla's "intermediate" TLS 1.2 suites (forward secret AEAD only); TLS 1.3 suites are
+#: OpenSSL's defaults, which are all modern.
+_TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+class UnknownServerName(Exception):
+    """A client asked for a name we hold no certificate for (or for no name).
+
+    Raised inside the server-name callback; pyOpenSSL answers it with a fatal
+    ``unrecognized_name`` alert and hands it to :data:`sys.excepthook`, which
+    :func:`install_quiet_excepthook` keeps from printing a traceback per scanner.
+    """
+
+
+def install_quiet_excepthook() -> None:
+    """Stop pyOpenSSL from printing a traceback for every refused server name."""
+    previous = sys.excepthook
+    if getattr(previous, "_trackproxy_quiet", False):
+        return
+
+    def hook(
+        kind: type[BaseException], value: BaseException, tb: TracebackType | None
+    ) -> None:
+        if isinstance(value, UnknownServerName):
+            return
+        previous(kind, value, tb)
+
+    hook._trackproxy_quiet = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def normalise_server_name(name: bytes | None) -> str | None:
+    """SNI as sent (any case, maybe a trailing dot) to the configured form, or None."""
+    if not name:
+        return None
+    try:
+        text = name.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return text.rstrip(".").lower()
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """Creates server-side TLS connections whose certificate is chosen by SNI."""
+
+    def __init__(self) -> None:
+        self._contexts: Mapping[str, SSL.Context] = MappingProxyType({})
+        self._default = self._build_default_context()
+        install_quiet_excepthook()
+
+    def _build_default_context(self) -> SSL.Context:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(
+            SSL.OP_NO_COMPRESSION
+            | SSL.OP_CIPHER_SERVER_PREFERENCE
+            | SSL.OP_NO_RENEGOTIATION
+        )
+        ctx.set_cipher_list(_TLS12_CIPHERS)
+        ctx.set_session_id(_SESSION_ID_CONTEXT)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        ctx.set_tlsext_servername_callback(self._on_server_name)
+        return ctx
+
+    def _on_server_name(self, connection: SSL.Connection) -> None:
+        name = normalise_server_name(connection.get_servername())
+        context = self._contexts.get(name) if name else None
+        if context is None:
+            raise UnknownServerName(name)
+        connection.set_context(context)
+
+    def set_contexts(self, contexts: Mapping[str, SSL.Context]) -> None:
+        """Serve new handshakes from ``contexts``; open connections are untouched."""
+        self._contexts = MappingProxyType(dict(contexts))
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._contexts)
+
+    def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
+        return SSL.Connection(self._default, None)
+
+
+class CertificateLoadError(Exception):
+    """A certificate/key pair could not be used; ``reason`` is fit for ``last_error``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def load_pem_chain(path: str) -> list[x509.Certificate]:
+    """The certificates of a PEM bundle, leaf first."""
+    with open(path, "rb") as f:
+        return x509.load_pem_x509_certificates(f.read())
+
+
+def context_for_files(fullchain_path: str, key_path: str) -> SSL.Context:
+    """A fresh context serving one certificate chain and its key.
+
+    pyOpenSSL forbids changing a context once it has made a connection, so every load
+    builds a new one; the server-name callback then switches connections to it.
+
+    Raises:
+        CertificateLoadError: a file is missing or unreadable, is not PEM, or the key
+            does not match the certificate.
+    """
+    for what, path in (("certificate", fullchain_path), ("key", key_path)):
+        if not os.path.isfile(path):
+            raise CertificateLoadError(f"{what} file {path} does not exist")
+        if not os.access(path, os.R_OK):
+            raise CertificateLoadError(f"{what} file {path} is not readable")
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_session_id(_SESSION_ID_CONTEXT)
+    try:
+        ctx.use_certificate_chain_file(fullchain_path)
+    except SSL.Error as e:
+        raise CertificateLoadError(f"certificate file {fullchain_path}: {_ssl_reason(e)}")
+    try:
+        ctx.use_privatekey_file(key_path)
+    except SSL.Error as e:
+        raise CertificateLoadError(f"key file {key_path}: {_ssl_reason(e)}")
+    try:
+        ctx.check_privatekey()
+    except SSL.Error as e:
+        raise CertificateLoadError(
+            f"key {key_path} does not match certificate {fullchain_path}: {_ssl_reason(e)}"
+        )
+    return ctx
+
+
+def _ssl_reason(error: SSL.Error) -> str:
+    """The readable part of an OpenSSL error stack (e.g. ``key values mismatch``)."""
+    try:
+        return "; ".join(str(item[2]) for item in error.args[0]) or str(error)
+    except (IndexError, TypeError):
+        return str(error)
+
+
+def upstream_tls_options(host: str, ca_file: str | None) -> object:
+    """Client TLS options for an upstream: SNI and verification both use ``host``.
+
+    Built once per upstream at start-up or reload (it costs about 0.1 ms).
+    """
+    if ca_file is None:
+        trust = tssl.platformTrust()
+    else:
+        # Certificate.loadPEM keeps only the first certificate of a bundle.
+        trust = tssl.trustRootFromCertificates(
+            [tssl.Certificate(crypto.X509.from_cryptography(c)) for c in load_pem_chain(ca_file)]
+        )
+    return tssl.optionsForClientTLS(host, trustRoot=trust)
