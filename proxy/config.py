@@ -250,6 +250,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 10s, 5m, 2h or 30d")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("a duration must be a finite number")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -349,7 +351,7 @@ def check_endpoint(description: str) -> None:
             raise ValueError(f"{description!r}: expected {kind}:PORT with PORT 0-65535")
         unknown = set(kwargs) - {"port", "interface", "backlog"}
     elif kind == "unix":
-        if not (args or "address" in kwargs):
+        if not (any(args) or kwargs.get("address")):
             raise ValueError(f"{description!r}: expected unix:PATH")
         unknown = set(kwargs) - {"address", "mode", "backlog", "lockfile"}
     else:
@@ -388,7 +390,11 @@ class _Reader:
         self.warnings.append(Warning_(self.path, *self._where(node), message))
 
     def scalar(self, node: yaml.Node) -> Any:
-        return self._constructor.construct_object(node, deep=True)
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as e:
+            problem = getattr(e, "problem", None) or str(e)
+            raise self._fail(node, f"cannot read this value: {problem}")
 
     def mapping(
         self, node: yaml.Node, what: str, allowed: Iterable[str] | None = None
@@ -402,7 +408,13 @@ class _Reader:
         entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         allowed_set = set(allowed) if allowed is not None else None
         for key_node, value_node in node.value:
-            key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.error(key_node, f"{what}: YAML merge keys (<<) are not supported; write the keys out")
+                continue
+            try:
+                key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            except _Reported:
+                continue
             if not isinstance(key, str):
                 self.error(key_node, f"{what}: keys must be strings")
                 continue
@@ -758,11 +770,17 @@ def _read_domain_settings(r: _Reader, node: yaml.Node, what: str) -> _DomainSett
             raise r._fail(n, f"{w}: {name!r} is not an allowed method ({', '.join(sorted(KNOWN_METHODS))})")
         return name
 
+    def methods(n: yaml.Node, w: str) -> tuple[str, ...]:
+        listed = r.as_list(method)(n, w)
+        if not listed:
+            raise r._fail(n, f"{w}: list at least one method (GET, HEAD)")
+        return listed
+
     return _DomainSettings(
         upstream=r.value(e, "upstream", what, upstream, None),
         certificate=r.value(e, "certificate", what, certificate, None),
         cache_ttl=r.value(e, "cache_ttl", what, r.as_cache_ttl, None),
-        methods=r.value(e, "methods", what, r.as_list(method), None),
+        methods=r.value(e, "methods", what, methods, None),
     )
 
 
@@ -809,7 +827,10 @@ def _read_domains(
                 "host unencrypted (the platform offers nothing else)",
             )
         preset = preset_for(upstream_name)
-        methods = own.methods or defaults.methods or (preset and preset.methods) or ("GET", "HEAD")
+        methods = own.methods or defaults.methods or ("GET", "HEAD")
+        if own.methods is None and preset is not None and preset.methods:
+            # The platform needs these (Iterable: POST); inherited defaults do not remove them.
+            methods = (*methods, *preset.methods)
         cache_ttl = own.cache_ttl if own.cache_ttl is not None else defaults.cache_ttl
         domains[name] = Domain(
             name=name,
@@ -875,8 +896,13 @@ def parse_config(text: str, path: str) -> Config:
     log_paths = r.value(top, "log_paths", "config", r.as_choice(("redacted", "full")), "redacted")
 
     def resolver(n: yaml.Node, what: str) -> tuple[str, int]:
+        text = r.as_string(n, what)
         try:
-            host, port = parse_host_port(r.as_string(n, what), default_port=53)
+            try:
+                return str(ipaddress.ip_address(text)), 53
+            except ValueError:
+                pass
+            host, port = parse_host_port(text, default_port=53)
             ipaddress.ip_address(host)
         except ValueError as e:
             raise r._fail(n, f"{what}: {e} (expected IP:PORT of a DNS server)")
