@@ -164,7 +164,10 @@ def context_for_files(fullchain_path: str, key_path: str) -> SSL.Context:
     try:
         ctx.use_privatekey_file(key_path)
     except SSL.Error as e:
-        raise CertificateLoadError(f"key file {key_path}: {_ssl_reason(e)}")
+        reason = _ssl_reason(e)
+        if "mismatch" in reason:
+            raise CertificateLoadError(f"key {key_path} does not match certificate {fullchain_path}")
+        raise CertificateLoadError(f"key file {key_path}: {reason}")
     try:
         ctx.check_privatekey()
     except SSL.Error as e:

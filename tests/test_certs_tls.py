@@ -1,0 +1,220 @@
+"""Certificates and the SNI map: what is served for which name, and what a bad file does.
+
+TLS handshakes here are real OpenSSL handshakes, pumped between two memory BIOs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import defer, error
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
+
+from proxy.certs import CertificateStore, certificate_files
+from proxy.config import parse_config
+from proxy.tls import ServerTLS, normalise_server_name
+from proxy.upstream import UpstreamError, _Exchange, classify_failure
+
+NOW = datetime.datetime(2026, 11, 22, 10, 0, tzinfo=datetime.timezone.utc)
+
+
+def make_pair(directory, name, not_after=NOW + datetime.timedelta(days=90), key=None):
+    """Write ``name.pem`` (self-signed leaf) and ``name.key``; return their paths."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=100))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = os.path.join(directory, f"{name}.pem"), os.path.join(directory, f"{name}.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path, cert
+
+
+def config_for(tmp_path, domains: str):
+    return parse_config(f"state_dir: {tmp_path / 'state'}\ndomains:\n{domains}", str(tmp_path / "t.yaml"))
+
+
+def serial_served(server_tls: ServerTLS, server_name: bytes | None) -> int:
+    """Handshake in memory with ``server_name`` as SNI; the leaf serial the server sent."""
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client = SSL.Connection(client_ctx, None)
+    if server_name is not None:
+        client.set_tlsext_host_name(server_name)
+    client.set_connect_state()
+    server = server_tls.serverConnectionForTLS(None)
+    server.set_accept_state()
+    for _ in range(20):
+        for a, b in ((client, server), (server, client)):
+            try:
+                a.do_handshake()
+            except SSL.WantReadError:
+                pass
+            except SSL.Error:
+                if a is client:
+                    raise  # what the client saw: the test asserts on it
+            while True:
+                try:
+                    data = a.bio_read(65536)
+                except SSL.WantReadError:
+                    break
+                b.bio_write(data)
+        if client.get_peer_certificate() is not None:
+            return client.get_peer_certificate().get_serial_number()
+    raise AssertionError("handshake did not complete")
+
+
+def test_self_signed_certificate_is_made_once_and_kept_across_restarts(tmp_path):
+    config = config_for(tmp_path, "  track.example.com: {certificate: self-signed}\n")
+    first = CertificateStore(lambda: NOW).load(config)["track.example.com"]
+    cert_path, key_path = certificate_files(config, config.domains["track.example.com"])
+    assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+    pem = open(cert_path, "rb").read()
+    second = CertificateStore(lambda: NOW).load(config)["track.example.com"]
+    assert open(cert_path, "rb").read() == pem
+    assert (first.status, first.source, second.status) == ("valid", "self-signed", "valid")
+    assert x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.DNSName) == ["track.example.com"]
+
+
+def test_sni_chooses_each_domains_certificate_and_refuses_other_names(tmp_path):
+    _, _, a = make_pair(tmp_path, "a.example.com")
+    _, _, b = make_pair(tmp_path, "b.example.com")
+    config = config_for(
+        tmp_path,
+        f"  a.example.com: {{certificate: {{cert: {tmp_path}/a.example.com.pem, key: {tmp_path}/a.example.com.key}}}}\n"
+        f"  b.example.com: {{certificate: {{cert: {tmp_path}/b.example.com.pem, key: {tmp_path}/b.example.com.key}}}}\n",
+    )
+    store = CertificateStore(lambda: NOW)
+    store.load(config)
+    server_tls = ServerTLS()
+    server_tls.set_contexts(store.contexts())
+    assert serial_served(server_tls, b"a.example.com") == a.serial_number
+    assert serial_served(server_tls, b"B.Example.Com.") == b.serial_number
+    for name in (b"c.example.com", None):
+        with pytest.raises(SSL.Error, match="unrecognized name"):
+            serial_served(server_tls, name)
+
+
+def test_a_corrupt_replacement_keeps_the_previous_certificate_serving(tmp_path):
+    cert_path, key_path, original = make_pair(tmp_path, "a.example.com")
+    config = config_for(tmp_path, f"  a.example.com: {{certificate: {{cert: {cert_path}, key: {key_path}}}}}\n")
+    store = CertificateStore(lambda: NOW)
+    store.load(config)
+    with open(cert_path, "wb") as f:
+        f.write(b"-----BEGIN CERTIFICATE-----\ngarbage\n")
+    state = store.load(config)["a.example.com"]
+    assert state.status == "valid" and state.last_error
+    server_tls = ServerTLS()
+    server_tls.set_contexts(store.contexts())
+    assert serial_served(server_tls, b"a.example.com") == original.serial_number
+
+
+def test_a_new_good_file_replaces_the_served_certificate(tmp_path):
+    cert_path, key_path, _ = make_pair(tmp_path, "a.example.com")
+    config = config_for(tmp_path, f"  a.example.com: {{certificate: {{cert: {cert_path}, key: {key_path}}}}}\n")
+    store = CertificateStore(lambda: NOW)
+    store.load(config)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    new_cert, new_key, replacement = make_pair(fresh, "a.example.com")
+    shutil.copy(new_key, key_path)
+    shutil.copy(new_cert, cert_path)
+    os.utime(cert_path, ns=(1, os.stat(cert_path).st_mtime_ns + 1_000_000))
+    state = store.load(config)["a.example.com"]
+    assert state.last_error is None
+    server_tls = ServerTLS()
+    server_tls.set_contexts(store.contexts())
+    assert serial_served(server_tls, b"a.example.com") == replacement.serial_number
+
+
+def test_a_key_that_does_not_match_fails_with_a_readable_reason(tmp_path):
+    cert_path, _, _ = make_pair(tmp_path, "a.example.com")
+    other = tmp_path / "other"
+    other.mkdir()
+    _, wrong_key, _ = make_pair(other, "a.example.com")
+    config = config_for(tmp_path, f"  a.example.com: {{certificate: {{cert: {cert_path}, key: {wrong_key}}}}}\n")
+    state = CertificateStore(lambda: NOW).load(config)["a.example.com"]
+    assert state.status == "failed" and state.context is None
+    assert "does not match" in state.last_error
+
+
+def test_a_missing_file_fails_naming_the_file(tmp_path):
+    config = config_for(tmp_path, f"  a.example.com: {{certificate: {{cert: {tmp_path}/nope.pem, key: {tmp_path}/nope.key}}}}\n")
+    state = CertificateStore(lambda: NOW).load(config)["a.example.com"]
+    assert state.status == "failed" and "nope.pem does not exist" in state.last_error
+
+
+def test_an_expired_certificate_is_still_served_with_status_expired(tmp_path):
+    cert_path, key_path, _ = make_pair(tmp_path, "a.example.com", not_after=NOW - datetime.timedelta(days=1))
+    config = config_for(tmp_path, f"  a.example.com: {{certificate: {{cert: {cert_path}, key: {key_path}}}}}\n")
+    state = CertificateStore(lambda: NOW).load(config)["a.example.com"]
+    assert state.status == "expired" and state.context is not None
+
+
+def test_acme_domain_without_issued_files_is_inactive_and_none_serves_nothing(tmp_path):
+    config = config_for(tmp_path, "  a.example.com: {certificate: acme}\n  b.example.com: {certificate: none}\n")
+    states = CertificateStore(lambda: NOW).load(config)
+    assert (states["a.example.com"].status, states["b.example.com"].status) == ("inactive", "inactive")
+    assert states["a.example.com"].context is None and states["b.example.com"].source == "none"
+
+
+@pytest.mark.parametrize(
+    "raw, expected", [(b"Track.Example.com.", "track.example.com"), (None, None), (b"", None), (b"\xff", None)]
+)
+def test_server_name_normalisation(raw, expected):
+    assert normalise_server_name(raw) == expected
+
+
+# ---------------------------------------------------------------------------
+# Upstream exchange deadline and failure names
+
+
+def test_exchange_times_out_after_the_deadline_and_cancels_the_request():
+    clock = Clock()
+    cancelled = []
+    request = defer.Deferred(lambda d: cancelled.append(True))
+    result = _Exchange(clock, 15).start(request)
+    clock.advance(14.9)
+    assert not result.called
+    clock.advance(0.2)
+    failure = pytest.importorskip("twisted.trial.unittest").SynchronousTestCase().failureResultOf(result, UpstreamError)
+    assert failure.value.outcome == "timeout" and cancelled == [True]
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    "exc, outcome",
+    [
+        (error.ConnectionRefusedError(), "connect_error"),
+        (error.DNSLookupError("x"), "connect_error"),
+        (error.TimeoutError(), "connect_error"),  # could not connect in time: unreachable
+        (ResponseNeverReceived([Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))]), "tls_error"),
+        (ResponseNeverReceived([Failure(error.ConnectionLost())]), "reset"),
+        (error.ConnectionLost(), "reset"),
+    ],
+)
+def test_upstream_failures_are_named(exc, outcome):
+    assert classify_failure(Failure(exc)) == outcome
