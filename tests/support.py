@@ -1,0 +1,678 @@
+"""Helpers for the end-to-end tests: a local CA, stand-in upstreams, the proxy process.
+
+This module owns everything an end-to-end test needs around ``trackproxy run``: a
+throw-away certificate authority, real loopback TLS servers that behave like a tracking
+platform's endpoint, the proxy started as a child process from a YAML file, and an HTTP
+client that controls exactly which SNI, Host and headers go on the wire. It holds no
+assertions about the proxy; those belong to the test modules.
+
+Test modules import it as ``from support import ...`` (pytest puts ``tests/`` on
+``sys.path`` because the directory is not a package).
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+
+# ---------------------------------------------------------------------------
+# A throw-away certificate authority
+
+
+class LocalCA:
+    """A root CA made on the spot, issuing leaf certificates for host names.
+
+    Args:
+        directory: where ``ca.pem`` and every issued ``NAME.pem``/``NAME.key`` go.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trackproxy e2e test CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        public = self._key.public_key()
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.cert_path = directory / "ca.pem"
+        self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, host: str) -> tuple[Path, Path]:
+        """A server certificate for ``host`` signed by this CA.
+
+        Returns:
+            The certificate file (the leaf alone: the root is the trust anchor, so the
+            chain has nothing else to carry) and its private key file (mode 0600).
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=10))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        cert_path = self.directory / f"{host}.pem"
+        key_path = self.directory / f"{host}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        key_path.chmod(0o600)
+        return cert_path, key_path
+
+
+def first_certificate_der(pem_path: Path) -> bytes:
+    """The DER bytes of the first certificate in a PEM file."""
+    return x509.load_pem_x509_certificate(pem_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+
+
+def dns_names(der: bytes) -> list[str]:
+    """The subjectAltName DNS names of a DER certificate."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return san.value.get_values_for_type(x509.DNSName)
+
+
+# ---------------------------------------------------------------------------
+# Stand-in upstream: a tracking platform's endpoint on loopback
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """One request as the stand-in upstream received it."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    sni: str | None
+    peer_port: int
+    connection: int
+    #: Why the stand-in refused to parse it (then method/path may be empty), else None.
+    refused: str | None = None
+
+    def values(self, name: str) -> list[str]:
+        """Every value of header ``name`` (case-insensitive), in arrival order."""
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def header(self, name: str) -> str | None:
+        """The single value of header ``name``; fails if it came more than once."""
+        found = self.values(name)
+        assert len(found) <= 1, f"{name} sent {len(found)} times upstream: {found}"
+        return found[0] if found else None
+
+    def names(self) -> set[str]:
+        """The lower-cased names of all headers received."""
+        return {k.lower() for k, _ in self.headers}
+
+
+#: What the stand-in answers, the way SparkPost's click endpoint does.
+LANDING_URL = "https://landing.example/x"
+REDIRECT_BODY = b"<a href='https://landing.example/x'>moved</a>\n"
+#: How long ``/slow...`` paths wait before answering; longer than the tests' upstream_timeout.
+SLOW_SECONDS = 4.0
+#: Response headers that are hop-by-hop and must not reach the proxy's client.
+UPSTREAM_HOP_HEADERS = (
+    ("Connection", "X-Up-Hop"),
+    ("X-Up-Hop", "secret"),
+    ("Keep-Alive", "timeout=5, max=100"),
+    ("Proxy-Authenticate", 'Basic realm="upstream"'),
+)
+
+
+class _UpstreamHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # an idle pooled connection ends eventually, so does its thread
+    server: "_StandInServer"
+
+    def version_string(self) -> str:
+        return "msys-http"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # A request too broken to parse still reached the upstream: record it.
+        self.server.stand_in.record(
+            UpstreamRequest(
+                method=getattr(self, "command", None) or "",
+                path=getattr(self, "path", None) or "",
+                headers=(),
+                body=b"",
+                sni=self.server.stand_in.connection_state.sni,
+                peer_port=self.client_address[1],
+                connection=self.server.stand_in.connection_state.number,
+                refused=f"{code} {message or ''}".strip(),
+            )
+        )
+        super().send_error(code, message, explain)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _answer(self) -> None:
+        record = UpstreamRequest(
+            method=self.command,
+            path=self.path,
+            headers=tuple(self.headers.items()),
+            body=self._read_body(),
+            sni=self.server.stand_in.connection_state.sni,
+            peer_port=self.client_address[1],
+            connection=self.server.stand_in.connection_state.number,
+        )
+        self.server.stand_in.record(record)
+        if self.path.startswith("/slow"):
+            time.sleep(SLOW_SECONDS)
+        self.send_response(302)  # also sends Server (version_string) and Date
+        self.send_header("Location", LANDING_URL)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("X-Upstream-Marker", "from-stand-in")
+        for name, value in UPSTREAM_HOP_HEADERS:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(REDIRECT_BODY)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(REDIRECT_BODY)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _answer
+
+
+class _StandInServer(ThreadingHTTPServer):
+    daemon_threads = True
+    stand_in: "UpstreamStandIn"
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+        # Runs in the connection's own thread, as does its handler: per-connection facts
+        # travel in a thread-local (plain sockets take no extra attributes).
+        request.settimeout(_UpstreamHandler.timeout)
+        state = self.stand_in.connection_state
+        state.number = self.stand_in.count_connection()
+        state.sni = None
+        context = self.stand_in.ssl_context
+        if context is not None:
+            try:
+                request = context.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError):
+                return
+        self.RequestHandlerClass(request, client_address, self)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a /slow answer written after the proxy gave up is expected to fail
+
+
+class UpstreamStandIn:
+    """A tracking endpoint on loopback: TLS (or plain HTTP) in a daemon thread.
+
+    With TLS it serves the certificate for ``server_name`` and fails the handshake with
+    ``unrecognized_name`` for any other SNI, or none, as multi-tenant endpoints do. With
+    ``strict_sni=False`` it serves that certificate whatever the SNI. Every request is
+    recorded; every answer is a ``302`` to :data:`LANDING_URL` with ``Server: msys-http``
+    and the hop-by-hop headers in :data:`UPSTREAM_HOP_HEADERS`. Paths starting with
+    ``/slow`` are answered after :data:`SLOW_SECONDS`.
+
+    Args:
+        certificate: ``(cert_path, key_path)`` for TLS, ``None`` for plain HTTP.
+        server_name: the only SNI accepted.
+        strict_sni: refuse any other SNI.
+    """
+
+    def __init__(
+        self,
+        certificate: tuple[Path, Path] | None = None,
+        server_name: str = "spgo.io",
+        strict_sni: bool = True,
+    ) -> None:
+        self.server_name = server_name
+        self.strict_sni = strict_sni
+        self.connection_state = threading.local()
+        self._lock = threading.Lock()
+        self._requests: list[UpstreamRequest] = []
+        self._refused_sni: list[str | None] = []
+        self._connections = 0
+        self.ssl_context: ssl.SSLContext | None = None
+        if certificate is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(certificate[0]), str(certificate[1]))
+            context.sni_callback = self._on_sni
+            self.ssl_context = context
+        self._server = _StandInServer((LOOPBACK, 0), _UpstreamHandler)
+        self._server.stand_in = self
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+        self._thread.start()
+
+    def _on_sni(self, sock: Any, server_name: str | None, context: ssl.SSLContext) -> int | None:
+        self.connection_state.sni = server_name
+        if self.strict_sni and server_name != self.server_name:
+            with self._lock:
+                self._refused_sni.append(server_name)
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        return None
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` for an upstream's ``connect_to``."""
+        return f"{LOOPBACK}:{self.port}"
+
+    def record(self, request: UpstreamRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+    def count_connection(self) -> int:
+        with self._lock:
+            self._connections += 1
+            return self._connections
+
+    @property
+    def requests(self) -> list[UpstreamRequest]:
+        """Every request received so far, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def refused_sni(self) -> list[str | None]:
+        """The SNI of every handshake refused so far (``None``: the client sent none)."""
+        with self._lock:
+            return list(self._refused_sni)
+
+    @property
+    def connections(self) -> int:
+        """How many TCP connections were accepted so far."""
+        with self._lock:
+            return self._connections
+
+    def matching(self, path: str) -> list[UpstreamRequest]:
+        """The requests received for exactly ``path`` (path and query)."""
+        return [r for r in self.requests if r.path == path]
+
+    def only(self, path: str) -> UpstreamRequest:
+        """The one request received for ``path``; fails if there were none or several."""
+        found = self.matching(path)
+        assert len(found) == 1, (
+            f"upstream got {len(found)} requests for {path!r}; "
+            f"it saw: {[r.path for r in self.requests]}"
+        )
+        return found[0]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# ---------------------------------------------------------------------------
+# Ports
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# The proxy as a process
+
+
+@dataclass
+class ProxyProcess:
+    """A running ``python -m proxy run -c CONFIG``, and where to reach it."""
+
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+    state_dir: Path
+    http_port: int
+    https_port: int
+    admin_port: int
+    _log_offset: int = field(default=0)
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last ``lines`` lines the proxy wrote to stdout and stderr."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def mark_log(self) -> None:
+        """Remember where the log ends, for :meth:`log_since_mark`."""
+        try:
+            self._log_offset = self.log_path.stat().st_size
+        except OSError:
+            self._log_offset = 0
+
+    def log_since_mark(self) -> str:
+        """What the proxy logged since :meth:`mark_log`."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    def certificate_path(self, domain: str) -> Path:
+        """Where the proxy keeps a self-signed domain's certificate."""
+        return self.state_dir / "certs" / domain / "self-signed.pem"
+
+    def stop(self) -> None:
+        """End the process (by its own PID): terminate, then kill if it lingers."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_proxy(
+    directory: Path,
+    config: Mapping[str, Any],
+    files: Mapping[str, Path] | None = None,
+    ready_within: float = 15.0,
+) -> ProxyProcess:
+    """Write ``trackproxy.yaml`` into ``directory`` and run the proxy on it.
+
+    ``listen`` (three fresh loopback ports) and ``state_dir`` are filled in unless
+    ``config`` sets them. ``files`` are copied next to the YAML under the given names,
+    so the config can name them by relative path.
+
+    Returns:
+        The process once ``GET /healthz`` on its admin listener answers 200.
+
+    Raises:
+        RuntimeError: it exited or was not ready within ``ready_within`` seconds; the
+            message carries the tail of its log.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, source in (files or {}).items():
+        target = directory / name
+        target.write_bytes(source.read_bytes())
+        target.chmod(source.stat().st_mode & 0o777)
+    http_port, https_port, admin_port = free_port(), free_port(), free_port()
+    full = {
+        "listen": {
+            "http": [f"tcp:{http_port}:interface={LOOPBACK}"],
+            "https": [f"tcp:{https_port}:interface={LOOPBACK}"],
+            "admin": [f"tcp:{admin_port}:interface={LOOPBACK}"],
+        },
+        "state_dir": str(directory / "state"),
+        **config,
+    }
+    config_path = directory / "trackproxy.yaml"
+    config_path.write_text(yaml.safe_dump(full, sort_keys=False))
+    log_path = directory / "proxy.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(config_path)],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    proxy = ProxyProcess(
+        process=process,
+        config_path=config_path,
+        log_path=log_path,
+        state_dir=Path(full["state_dir"]),
+        http_port=http_port,
+        https_port=https_port,
+        admin_port=admin_port,
+    )
+    try:
+        _wait_healthy(proxy, ready_within)
+    except BaseException:
+        proxy.stop()
+        raise
+    return proxy
+
+
+def _wait_healthy(proxy: ProxyProcess, within: float) -> None:
+    url = f"http://{LOOPBACK}:{proxy.admin_port}/healthz"
+    deadline = time.monotonic() + within
+    last = "no answer yet"
+    while True:
+        if proxy.process.poll() is not None:
+            raise RuntimeError(
+                f"the proxy exited with {proxy.process.returncode} before it was ready; "
+                f"log:\n{proxy.log_tail()}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                if answer.status == 200:
+                    return
+                last = f"status {answer.status}"
+        except urllib.error.HTTPError as e:
+            last = f"status {e.code}"
+        except OSError as e:
+            last = repr(e)
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the proxy was not healthy within {within}s ({last}); log:\n{proxy.log_tail()}"
+            )
+        time.sleep(0.05)  # poll interval, not a wait for something to happen
+
+
+# ---------------------------------------------------------------------------
+# A client with exact control over what goes on the wire
+
+
+@dataclass(frozen=True)
+class TLS:
+    """How the client does TLS.
+
+    Args:
+        sni: the server name sent, ``None`` for no SNI at all.
+        ca_file: trust this CA and check the certificate matches ``sni``; ``None``
+            accepts any certificate (to prove a failure is the server's doing).
+        maximum_version: cap the TLS version the client offers.
+    """
+
+    sni: str | None
+    ca_file: Path | None = None
+    maximum_version: ssl.TLSVersion | None = None
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.ca_file is None:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context.load_verify_locations(str(self.ca_file))
+            context.check_hostname = self.sni is not None
+        if self.maximum_version is not None:
+            if self.maximum_version < ssl.TLSVersion.TLSv1_2:
+                # Let OpenSSL offer the old version at all, so the server is what refuses it.
+                context.set_ciphers("DEFAULT:@SECLEVEL=0")
+                context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 on purpose
+                context.maximum_version = self.maximum_version
+        return context
+
+
+@dataclass(frozen=True)
+class Response:
+    """What the proxy answered."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    peer_certificate: bytes | None = None
+
+    def values(self, name: str) -> list[str]:
+        """Every value of header ``name`` (case-insensitive)."""
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def header(self, name: str) -> str | None:
+        """The single value of header ``name``; fails if it came more than once."""
+        found = self.values(name)
+        assert len(found) <= 1, f"{name} came {len(found)} times: {found}"
+        return found[0] if found else None
+
+    def names(self) -> set[str]:
+        return {k.lower() for k, _ in self.headers}
+
+
+def connect(port: int, tls: TLS | None = None, timeout: float = 10.0) -> socket.socket:
+    """A connected socket to the proxy on loopback, TLS-wrapped (handshake done) if asked."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    if tls is None:
+        return sock
+    try:
+        return tls.context().wrap_socket(sock, server_hostname=tls.sni)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def request(
+    port: int,
+    host: str | None,
+    path: str = "/",
+    method: str = "GET",
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes | None = None,
+    tls: TLS | None = None,
+    timeout: float = 10.0,
+) -> Response:
+    """Send one request on a new connection and read the whole answer.
+
+    Only the headers given go out, in order: ``Host: host`` first (none when ``host`` is
+    ``None``), then ``headers``, then ``Content-Length`` when there is a ``body``. No
+    User-Agent, Accept-Encoding or anything else is added.
+    """
+    sock = connect(port, tls, timeout)
+    peer = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    conn.sock = sock
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        answer = conn.getresponse()
+        content = answer.read()
+        return Response(answer.status, tuple(answer.getheaders()), content, peer)
+    finally:
+        conn.close()
+
+
+def wait_closed(sock: socket.socket, within: float) -> float:
+    """Read from ``sock`` until the peer closes it; how many seconds that took.
+
+    Data the peer sends first (an error answer, say) is read and ignored.
+
+    Raises:
+        TimeoutError: still open after ``within`` seconds.
+    """
+    started = time.monotonic()
+    deadline = started + within
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"connection still open after {within}s")
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            raise TimeoutError(f"connection still open after {within}s") from None
+        except (ssl.SSLError, ConnectionError):
+            data = b""  # an alert or a reset: closed all the same
+        if not data:
+            return time.monotonic() - started
+
