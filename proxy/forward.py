@@ -371,6 +371,12 @@ class ProxyRequest(server.Request):
             respond(self, 500, b"internal error")
 
 
+_TOO_SLOW = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 26\r\nConnection: close\r\n\r\n"
+    b"request head took too long\n"
+)
 _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"Content-Type: text/plain; charset=utf-8\r\n"
@@ -380,21 +386,48 @@ _TOO_LARGE = (
 
 
 class ProxyChannel(http.HTTPChannel):
-    """HTTP/1.1 channel answering an oversized request head with 431 and closing."""
+    """HTTP/1.1 channel with bounded request heads: in size (431) and in time (408).
+
+    twisted.web's idle timer restarts on every byte, so a client dripping a header a
+    byte at a time would hold the connection for ever; a request head must arrive
+    whole within ``client_timeout`` of its first line.
+    """
+
+    _head_deadline = None
 
     def lineReceived(self, line: bytes) -> None:
+        if self._head_deadline is None and self.timeOut:
+            self._head_deadline = self.callLater(self.timeOut, self._head_too_slow)
         # The head's size is counted by twisted.web, which answers a bare 400; say 431.
         if getattr(self, "_receivedHeaderSize", 0) + len(line) > self.totalHeadersSize:
-            self._refuse_head()
+            self._refuse_head(_TOO_LARGE)
             return
         super().lineReceived(line)
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse_head()
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
 
-    def _refuse_head(self) -> None:
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse_head(_TOO_LARGE)
+
+    def connectionLost(self, reason: object) -> None:
+        self._cancel_head_deadline()
+        super().connectionLost(reason)
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        self._refuse_head(_TOO_SLOW)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
+
+    def _refuse_head(self, answer: bytes) -> None:
+        self._cancel_head_deadline()
         if self.transport is not None:
-            self.transport.write(_TOO_LARGE)
+            self.transport.write(answer)
             self.transport.loseConnection()
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
 

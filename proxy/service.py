@@ -24,6 +24,7 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from proxy.acme import ChallengeStore, challenge_dir
@@ -35,6 +36,29 @@ from proxy.tls import ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
 
 log = Logger(namespace="trackproxy.service")
+
+#: Open connections one listener accepts; past it new ones are closed at once, so
+#: memory stays bounded (a TLS connection costs tens of KiB) whatever clients do.
+MAX_CONNECTIONS_PER_LISTENER = 10_000
+
+
+class ConnectionLimit(WrappingFactory):
+    """Caps a listener's open connections, and knows how many are open."""
+
+    noisy = False
+
+    def __init__(self, wrapped: object, limit: int = MAX_CONNECTIONS_PER_LISTENER) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.protocols)
+
+    def buildProtocol(self, addr: object) -> object:
+        if len(self.protocols) >= self.limit:
+            return None
+        return super().buildProtocol(addr)
 
 
 @attrs.frozen
@@ -139,9 +163,9 @@ class ProxyService:
             )
         https_factory = TLSMemoryBIOFactory(self.server_tls, False, self.https_site)
         roles = (
-            ("http", config.listen.http, self.http_site),
-            ("https", config.listen.https, https_factory),
-            ("admin", config.listen.admin, self.admin_site),
+            ("http", config.listen.http, ConnectionLimit(self.http_site)),
+            ("https", config.listen.https, ConnectionLimit(https_factory)),
+            ("admin", config.listen.admin, ConnectionLimit(self.admin_site, limit=64)),
         )
         listening = []
         for role, descriptions, factory in roles:

@@ -293,3 +293,57 @@ def test_router_trust_check_uses_the_configured_networks():
     router = Router({}, {}, ChallengeStore("/nonexistent"), [ipaddress.ip_network("10.0.0.0/8")])
     assert router.is_trusted("10.9.9.9") and not router.is_trusted("192.0.2.1")
     assert not router.is_trusted("not-an-ip")
+
+
+# ---------------------------------------------------------------------------
+# Bounds on what a client can hold
+
+
+def test_a_request_head_dripping_past_client_timeout_gets_408_and_is_closed(proxy):
+    from twisted.internet.task import Clock
+
+    site, client, _ = proxy
+    clock = Clock()
+    site.timeOut = 30
+    channel = site.buildProtocol(None)
+    channel.callLater = clock.callLater
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: track.example.com\r\n")
+    for _ in range(29):  # one byte a second restarts the idle timer, not this deadline
+        clock.advance(1)
+        channel.dataReceived(b"X")
+    assert transport.value() == b"" and not transport.disconnecting
+    clock.advance(1.5)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.disconnecting
+    assert client.calls == []
+
+
+def test_a_complete_head_cancels_the_deadline(proxy):
+    from twisted.internet.task import Clock
+
+    site, client, _ = proxy
+    clock = Clock()
+    site.timeOut = 30
+    channel = site.buildProtocol(None)
+    channel.callLater = clock.callLater
+    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000)))
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: track.example.com\r\n\r\n")
+    assert len(client.calls) == 1
+    assert all(not c.func.__name__ == "_head_too_slow" for c in clock.getDelayedCalls())
+
+
+def test_a_listener_closes_connections_past_its_limit():
+    from twisted.internet.protocol import Factory, Protocol
+
+    from proxy.service import ConnectionLimit
+
+    limit = ConnectionLimit(Factory.forProtocol(Protocol), limit=2)
+    addr = IPv4Address("TCP", "192.0.2.7", 1)
+    first, second = limit.buildProtocol(addr), limit.buildProtocol(addr)
+    for p in (first, second):
+        p.makeConnection(StringTransport())
+    assert limit.buildProtocol(addr) is None
+    first.connectionLost(None)
+    assert limit.open_connections == 1 and limit.buildProtocol(addr) is not None
