@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import ipaddress
 import io
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from proxy.acme import CHALLENGE_PREFIX, ChallengeStore
+from proxy.cache import ResponseCache, cache_key, storable_ttl
 from proxy.config import Domain
+from proxy.metrics import UNKNOWN_DOMAIN, Metrics
 from proxy.tls import normalise_server_name
 from proxy.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
@@ -161,6 +165,7 @@ class Route:
     client: UpstreamClient
     host: bytes
     allow: bytes  # the Allow header for 405 answers
+    cached: bool  # cache_ttl > 0
 
 
 class Router:
@@ -172,6 +177,9 @@ class Router:
         clients: Mapping[str, UpstreamClient],
         challenges: ChallengeStore,
         trusted_proxies: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        cache: ResponseCache | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.routes: dict[str, Route] = {
             name: Route(
@@ -179,11 +187,15 @@ class Router:
                 client=clients[domain.upstream.name],
                 host=name.encode("ascii"),
                 allow=b", ".join(m.encode("ascii") for m in domain.methods),
+                cached=cache is not None and domain.cache_ttl > 0,
             )
             for name, domain in domains.items()
         }
         self.challenges = challenges
         self.trusted_proxies = tuple(trusted_proxies)
+        self.cache = cache
+        self.metrics = metrics
+        self.clock = clock
 
     def is_trusted(self, peer: str) -> bool:
         if not self.trusted_proxies:
@@ -210,6 +222,7 @@ class Router:
             # Never an open proxy: nothing leaves for a name we do not serve.
             respond(request, 404, b"unknown tracking domain")
             return
+        request.domain_label = route.domain.name
         if scheme == b"https":
             tls = request.channel.transport.getHandle()
             if normalise_server_name(tls.get_servername()) != host:
@@ -228,7 +241,60 @@ class Router:
         if limit is not None and header_bytes(request.requestHeaders) >= limit:
             respond(request, 431, b"request headers too large for this platform")
             return
-        self._forward(request, route, scheme, target)
+        if route.cached and request.method in (b"GET", b"HEAD"):
+            self._through_cache(request, route, scheme, target)
+        else:
+            request.cache_label = "bypass"
+            self._forward(request, route, scheme, target)
+
+    def _through_cache(self, request: ProxyRequest, route: Route, scheme: bytes, target: bytes) -> None:
+        """Answer from the cache, from a fetch already under way, or fetch and store."""
+        cache: ResponseCache = self.cache  # type: ignore[assignment]
+        key = cache_key(scheme, route.host, target)
+        entry = cache.get(key)
+        if entry is not None:
+            request.cache_label = "hit"
+            relay(entry.response, request, age=cache.age(entry))
+            return
+        waiting = cache.join(key)
+        if waiting is not None:
+            request.cache_label = "coalesced"
+            waiting.addCallbacks(
+                self._shared_answer, upstream_failed,
+                callbackArgs=(request, route, scheme, target), errbackArgs=(request, route),
+            )
+            return
+        request.cache_label = "miss"
+        if request.method == b"HEAD":
+            # A HEAD answer has no body to store; it is forwarded as HEAD.
+            self._forward(request, route, scheme, target)
+            return
+        cache.lead(key)
+        d = self._fetch(request, route, scheme, target)
+        d.addBoth(self._store_and_share, key, route)
+        d.addCallbacks(relay, upstream_failed, callbackArgs=(request,), errbackArgs=(request, route))
+
+    def _store_and_share(self, outcome: object, key: bytes, route: Route) -> object:
+        cache: ResponseCache = self.cache  # type: ignore[assignment]
+        if isinstance(outcome, UpstreamResponse):
+            ttl = storable_ttl(outcome, route.domain.cache_ttl)
+            if ttl > 0:
+                cache.put(key, route.host, outcome, ttl)
+                cache.settle(key, outcome)
+            else:
+                cache.settle(key, None)  # not shareable: each waiter fetches its own
+        else:
+            cache.settle(key, outcome)  # the same error for every waiter, no stampede
+        return outcome
+
+    def _shared_answer(
+        self, response: UpstreamResponse | None, request: ProxyRequest, route: Route, scheme: bytes, target: bytes
+    ) -> None:
+        if response is None:
+            request.cache_label = "miss"
+            self._forward(request, route, scheme, target)
+        else:
+            relay(response, request)
 
     def _answer_challenge(self, request: ProxyRequest, target: bytes) -> None:
         if request.method not in (b"GET", b"HEAD"):
@@ -242,13 +308,28 @@ class Router:
         respond(request, 200, answer, newline=False)
 
     def _forward(self, request: ProxyRequest, route: Route, scheme: bytes, target: bytes) -> None:
+        d = self._fetch(request, route, scheme, target)
+        d.addCallbacks(relay, upstream_failed, callbackArgs=(request,), errbackArgs=(request, route))
+
+    def _fetch(self, request: ProxyRequest, route: Route, scheme: bytes, target: bytes) -> defer.Deferred:
         peer = client_ip(request.getClientAddress().host)
         headers = upstream_request_headers(
             request.requestHeaders, route.host, peer, scheme, self.is_trusted(peer)
         )
         body = request.content.getvalue() or None
         d = route.client.fetch(request.method, target, headers, body)
-        d.addCallbacks(relay, upstream_failed, callbackArgs=(request,), errbackArgs=(request, route))
+        if self.metrics is not None:
+            d.addBoth(self._count_upstream, route.domain.upstream.name, self.clock())
+        return d
+
+    def _count_upstream(self, outcome: object, upstream: str, started: float) -> object:
+        if isinstance(outcome, UpstreamResponse):
+            name = "ok"
+        else:
+            exc = getattr(outcome, "value", None)
+            name = exc.outcome if isinstance(exc, UpstreamError) else "connect_error"
+        self.metrics.count_upstream(upstream, name, self.clock() - started)  # type: ignore[union-attr]
+        return outcome
 
 
 def request_target(uri: bytes, host: str | None) -> bytes | None:
@@ -295,8 +376,11 @@ def respond(
     request.finish()
 
 
-def relay(response: UpstreamResponse, request: ProxyRequest) -> None:
-    """Send the upstream's answer to the client: status, headers and body."""
+def relay(response: UpstreamResponse, request: ProxyRequest, age: int | None = None) -> None:
+    """Send the upstream's answer to the client: status, headers and body.
+
+    ``age`` is set for answers from the cache: seconds they have been stored.
+    """
     if request.finished or request._disconnected:
         return
     request.setResponseCode(response.code, response.phrase)
@@ -305,8 +389,12 @@ def relay(response: UpstreamResponse, request: ProxyRequest) -> None:
         rh.setRawHeaders(name, list(values))
     if not rh.hasHeader(b"date"):
         rh.setRawHeaders(b"Date", [http.datetimeToString()])
+    if age is not None:
+        upstream_age = rh.getRawHeaders(b"age", [b"0"])[0].strip()
+        age += int(upstream_age) if upstream_age.isdigit() else 0
+        rh.setRawHeaders(b"Age", [b"%d" % age])
     if response.code not in _NO_BODY_CODES and response.code >= 200:
-        length = response.length if request.method == b"HEAD" else len(response.body)
+        length = response.length if response.for_head else len(response.body)
         if length is not None:
             rh.setRawHeaders(b"Content-Length", [b"%d" % length])
     if response.body:
@@ -344,6 +432,10 @@ class ProxyRequest(server.Request):
     # Relayed answers keep exactly the upstream's Content-Type (or none).
     defaultContentType = None
     body_too_large = False
+    #: Labels for metrics, set as the router decides (never a client-made name).
+    domain_label = UNKNOWN_DOMAIN
+    cache_label = "bypass"
+    started = 0.0
 
     def gotLength(self, length: int | None) -> None:
         # Always in memory: bodies are bounded, and twisted.web would otherwise spool
@@ -364,6 +456,7 @@ class ProxyRequest(server.Request):
     def process(self) -> None:
         site = self.channel.site
         self.site = site
+        self.started = site.router.clock()
         try:
             site.router.handle(self, site.scheme)
         except Exception:
@@ -452,5 +545,16 @@ class ProxySite(server.Site):
         channel.MAX_LENGTH = self.max_header_bytes + 1
         return channel
 
-    def log(self, request: object) -> None:
-        """Twisted's access log writes raw paths (recipients' addresses); not here."""
+    def log(self, request: ProxyRequest) -> None:  # type: ignore[override]
+        """Count each finished request. (Twisted's own access line would carry raw
+        paths, i.e. recipients' addresses: never written.)"""
+        router = self.router
+        if router.metrics is not None:
+            router.metrics.count_request(
+                request.domain_label,
+                self.scheme,
+                request.method,
+                request.code,
+                request.cache_label,
+                router.clock() - request.started,
+            )

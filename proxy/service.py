@@ -27,11 +27,15 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from prometheus_client import CollectorRegistry, ProcessCollector
+
 from proxy.acme import ChallengeStore, challenge_dir
 from proxy.admin import AdminSite
+from proxy.cache import ResponseCache
 from proxy.certs import CertificateStore
 from proxy.config import Config
 from proxy.forward import ProxySite, Router
+from proxy.metrics import Metrics
 from proxy.tls import ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
 
@@ -77,7 +81,7 @@ def prepare_state_dir(state_dir: str) -> None:
     os.makedirs(os.path.join(state_dir, "certs"), mode=0o700, exist_ok=True)
 
 
-def build_runtime(reactor: object, config: Config) -> Runtime:
+def build_runtime(reactor: object, config: Config, cache: ResponseCache, metrics: Metrics) -> Runtime:
     """Build the router and one pooled client per upstream in use."""
     clients = {
         domain.upstream.name: UpstreamClient(
@@ -93,6 +97,9 @@ def build_runtime(reactor: object, config: Config) -> Runtime:
         clients,
         ChallengeStore(challenge_dir(config.state_dir)),
         config.trusted_proxies,
+        cache=cache,
+        metrics=metrics,
+        clock=reactor.seconds,  # type: ignore[attr-defined]
     )
     return Runtime(config=config, router=router, clients=clients)
 
@@ -120,12 +127,23 @@ class ProxyService:
         self.ports: dict[str, list[object]] = {"http": [], "https": [], "admin": []}
         self._rotation = None
         prepare_state_dir(config.state_dir)
-        self.runtime = build_runtime(reactor, config)
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        self.metrics = Metrics(registry)
+        # One cache per process, kept across reloads (which drop removed domains' entries).
+        self.cache = ResponseCache(
+            reactor.seconds,  # type: ignore[attr-defined]
+            config.cache.max_entries,
+            config.cache.max_bytes,
+            on_change=self.metrics.cache_changed,
+            on_evict=self.metrics.cache_evicted,
+        )
+        self.runtime = build_runtime(reactor, config, self.cache, self.metrics)
         self._load_certificates(config)
         limits = config.limits
         self.http_site = ProxySite(self.runtime.router, b"http", limits.client_timeout, limits.max_header_bytes)
         self.https_site = ProxySite(self.runtime.router, b"https", limits.client_timeout, limits.max_header_bytes)
-        self.admin_site = AdminSite(lambda: self.ready)
+        self.admin_site = AdminSite(lambda: self.ready, self.metrics)
 
     @property
     def config(self) -> Config:

@@ -74,6 +74,8 @@ class UpstreamResponse:
     length: int | None = None
     #: Header names the upstream's ``Connection`` header marked hop-by-hop.
     connection_tokens: frozenset[bytes] = frozenset()
+    #: True for the answer to a HEAD (no body; ``length`` is the resource's).
+    for_head: bool = False
 
 
 class _ParserKeepingConnectionHeaders(_newclient.HTTPClientParser):
@@ -192,7 +194,7 @@ class UpstreamClient:
         """One exchange: fires with an :class:`UpstreamResponse` or fails with
         :class:`UpstreamError`."""
         producer = _BytesProducer(body) if body else None
-        exchange = _Exchange(self._reactor, self._timeout)
+        exchange = _Exchange(self._reactor, self._timeout, for_head=method == b"HEAD")
         return exchange.start(
             self._agent.request(method, self._base_url + path_and_query, headers, producer)
         )
@@ -223,9 +225,10 @@ class _BytesProducer:
 class _Exchange:
     """One request/response with a deadline over both phases (head and body)."""
 
-    def __init__(self, clock: IReactorTime, timeout: float) -> None:
+    def __init__(self, clock: IReactorTime, timeout: float, for_head: bool = False) -> None:
         self._clock = clock
         self._timeout = timeout
+        self.for_head = for_head
         self._done: defer.Deferred[UpstreamResponse] = defer.Deferred()
         self._request: defer.Deferred | None = None
         self._collector: _BodyCollector | None = None
@@ -336,6 +339,7 @@ class _BodyCollector(Protocol):
                 body=b"".join(self._chunks),
                 length=length,
                 connection_tokens=tokens,
+                for_head=self._exchange.for_head,
             )
         )
 
