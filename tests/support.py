@@ -22,7 +22,9 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -192,6 +195,84 @@ UPSTREAM_HOP_HEADERS = (
     ("Keep-Alive", "timeout=5, max=100"),
     ("Proxy-Authenticate", 'Basic realm="upstream"'),
 )
+#: With ``UpstreamStandIn(numbered=True)``, the number of the request an answer is for.
+SERIAL_HEADER = "X-Upstream-Request"
+
+
+@dataclass(frozen=True)
+class Script:
+    """What a scripted path asks the stand-in to do; an ordinary path asks for nothing.
+
+    A scripted path starts with any of these segments, in any order, then anything:
+
+    - ``/delay/MS``: answer after MS milliseconds;
+    - ``/status/CODE``: answer CODE instead of 302 (``Location`` only for 3xx);
+    - ``/header/NAME/VALUE``: add the response header ``NAME: VALUE`` (VALUE
+      percent-encoded; repeatable);
+    - ``/cookie``: add ``Set-Cookie: visit=N``, N being the request's number, so each
+      answer's cookie differs;
+    - ``/drop``: close the connection without answering.
+    """
+
+    delay: float = 0.0
+    status: int = 302
+    headers: tuple[tuple[str, str], ...] = ()
+    cookie: bool = False
+    drop: bool = False
+
+    @classmethod
+    def parse(cls, path: str) -> "Script":
+        segments = path.split("?", 1)[0].split("/")[1:]
+        found: dict[str, Any] = {}
+        headers: list[tuple[str, str]] = []
+        i = 0
+        while i < len(segments):
+            word = segments[i]
+            if word == "delay" and i + 1 < len(segments) and segments[i + 1].isdigit():
+                found["delay"] = int(segments[i + 1]) / 1000
+                i += 2
+            elif word == "status" and i + 1 < len(segments) and segments[i + 1].isdigit():
+                found["status"] = int(segments[i + 1])
+                i += 2
+            elif word == "header" and i + 2 < len(segments):
+                headers.append((segments[i + 1], urllib.parse.unquote(segments[i + 2])))
+                i += 3
+            elif word in ("cookie", "drop"):
+                found[word] = True
+                i += 1
+            else:
+                break
+        return cls(headers=tuple(headers), **found)
+
+
+def scripted_path(
+    *,
+    delay: float | None = None,
+    status: int | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    cookie: bool = False,
+    drop: bool = False,
+    tail: str | None = None,
+) -> str:
+    """A path that makes the stand-in behave as asked (see :class:`Script`).
+
+    Args:
+        delay: seconds before the answer.
+        tail: what follows the script; default a fresh ``/f/UUID``, so the path is new.
+    """
+    parts = []
+    if delay is not None:
+        parts.append(f"/delay/{round(delay * 1000)}")
+    if status is not None:
+        parts.append(f"/status/{status}")
+    for name, value in headers:
+        parts.append(f"/header/{name}/{urllib.parse.quote(value, safe='')}")
+    if cookie:
+        parts.append("/cookie")
+    if drop:
+        parts.append("/drop")
+    return "".join(parts) + (tail if tail is not None else f"/f/{uuid.uuid4().hex}")
+
 
 
 class _UpstreamHandler(BaseHTTPRequestHandler):
@@ -245,19 +326,45 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             peer_port=self.client_address[1],
             connection=self.server.stand_in.connection_state.number,
         )
-        self.server.stand_in.record(record)
+        serial = self.server.stand_in.record(record)
+        script = Script.parse(self.path)
         if self.path.startswith("/slow"):
             time.sleep(SLOW_SECONDS)
-        self.send_response(302)  # also sends Server (version_string) and Date
-        self.send_header("Location", LANDING_URL)
+        if script.delay:
+            time.sleep(script.delay)
+        if script.drop:
+            self._drop()
+            return
+        code = script.status
+        self.send_response(code)  # also sends Server (version_string) and Date
+        if 300 <= code < 400:
+            self.send_header("Location", LANDING_URL)
         self.send_header("Content-Type", "text/html")
         self.send_header("X-Upstream-Marker", "from-stand-in")
         for name, value in UPSTREAM_HOP_HEADERS:
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(REDIRECT_BODY)))
+        if self.server.stand_in.numbered:
+            self.send_header(SERIAL_HEADER, str(serial))
+        if script.cookie:
+            self.send_header("Set-Cookie", f"visit={serial}; Path=/; HttpOnly")
+        for name, value in script.headers:
+            self.send_header(name, value)
+        body = REDIRECT_BODY if code == 302 else b"stand-in answer %d\n" % code
+        if code in (204, 304):
+            body = b""  # RFC 9110 §6.4.1: no content, and no Content-Length to announce one
+        else:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(REDIRECT_BODY)
+            self.wfile.write(body)
+
+    def _drop(self) -> None:
+        """Close the connection without a word, as a crashing backend does."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _answer
 
@@ -270,6 +377,8 @@ class _StandInServer(ThreadingHTTPServer):
         # Runs in the connection's own thread, as does its handler: per-connection facts
         # travel in a thread-local (plain sockets take no extra attributes).
         request.settimeout(_UpstreamHandler.timeout)
+        if self.stand_in.no_delay:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         state = self.stand_in.connection_state
         state.number = self.stand_in.count_connection()
         state.sni = None
@@ -293,12 +402,20 @@ class UpstreamStandIn:
     ``strict_sni=False`` it serves that certificate whatever the SNI. Every request is
     recorded; every answer is a ``302`` to :data:`LANDING_URL` with ``Server: msys-http``
     and the hop-by-hop headers in :data:`UPSTREAM_HOP_HEADERS`. Paths starting with
-    ``/slow`` are answered after :data:`SLOW_SECONDS`.
+    ``/slow`` are answered after :data:`SLOW_SECONDS`. Paths made by :func:`scripted_path`
+    choose a delay, a status, extra headers, a per-request cookie or a dropped
+    connection (see :class:`Script`).
 
     Args:
         certificate: ``(cert_path, key_path)`` for TLS, ``None`` for plain HTTP.
         server_name: the only SNI accepted.
         strict_sni: refuse any other SNI.
+        numbered: every answer carries :data:`SERIAL_HEADER`, the number of the request
+            it answers (1 for the first received), so a client can tell a replayed
+            answer from a fresh one.
+        no_delay: send without Nagle's delay. An answer's head and body are two writes;
+            with Nagle the body waits for the peer's delayed ACK (about 40 ms), which
+            matters only to tests that send thousands of requests.
     """
 
     def __init__(
@@ -306,9 +423,13 @@ class UpstreamStandIn:
         certificate: tuple[Path, Path] | None = None,
         server_name: str = "spgo.io",
         strict_sni: bool = True,
+        numbered: bool = False,
+        no_delay: bool = False,
     ) -> None:
         self.server_name = server_name
         self.strict_sni = strict_sni
+        self.numbered = numbered
+        self.no_delay = no_delay
         self.connection_state = threading.local()
         self._lock = threading.Lock()
         self._requests: list[UpstreamRequest] = []
@@ -341,9 +462,11 @@ class UpstreamStandIn:
         """``HOST:PORT`` for an upstream's ``connect_to``."""
         return f"{LOOPBACK}:{self.port}"
 
-    def record(self, request: UpstreamRequest) -> None:
+    def record(self, request: UpstreamRequest) -> int:
+        """Keep ``request``; returns how many were received so far, it included."""
         with self._lock:
             self._requests.append(request)
+            return len(self._requests)
 
     def count_connection(self) -> int:
         with self._lock:
@@ -676,3 +799,61 @@ def wait_closed(sock: socket.socket, within: float) -> float:
         if not data:
             return time.monotonic() - started
 
+
+
+# ---------------------------------------------------------------------------
+# Metrics and waiting
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One ``GET /metrics`` from the admin listener, parsed."""
+
+    text: str
+    #: ``(sample name, labels, value)``, counters under their ``_total`` names.
+    samples: tuple[tuple[str, dict[str, str], float], ...]
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels``."""
+        return sum(
+            value
+            for sample, have, value in self.samples
+            if sample == name and all(have.get(k) == v for k, v in labels.items())
+        )
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        """Every value label ``label`` takes on the samples called ``name``."""
+        return {have[label] for sample, have, _ in self.samples if sample == name and label in have}
+
+    def series(self, prefix: str) -> list[tuple[str, dict[str, str], float]]:
+        """The samples whose name starts with ``prefix``."""
+        return [s for s in self.samples if s[0].startswith(prefix)]
+
+
+def scrape(admin_port: int, timeout: float = 5.0) -> Scrape:
+    """The proxy's metrics now, in the Prometheus text format."""
+    url = f"http://{LOOPBACK}:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        text = answer.read().decode("utf-8")
+    samples = tuple(
+        (s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    )
+    return Scrape(text, samples)
+
+
+def poll(check: Any, within: float, what: str, interval: float = 0.05) -> Any:
+    """Call ``check()`` until it returns something true; that value.
+
+    Raises:
+        TimeoutError: still false after ``within`` seconds (``what`` says what was awaited).
+    """
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {within}s (last: {result!r})")
+        time.sleep(interval)  # poll interval, not a wait for something to happen
