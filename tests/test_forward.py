@@ -299,16 +299,22 @@ def test_router_trust_check_uses_the_configured_networks():
 # Bounds on what a client can hold
 
 
-def test_a_request_head_dripping_past_client_timeout_gets_408_and_is_closed(proxy):
+def clocked_channel(site, timeout=30):
+    """A channel of ``site`` whose timers run on a fake clock; (channel, transport, clock)."""
     from twisted.internet.task import Clock
 
-    site, client, _ = proxy
     clock = Clock()
-    site.timeOut = 30
+    site.timeOut = timeout
     channel = site.buildProtocol(None)
     channel.callLater = clock.callLater
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
     channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+def test_a_request_head_dripping_past_client_timeout_gets_408_and_is_closed(proxy):
+    site, client, _ = proxy
+    channel, transport, clock = clocked_channel(site)
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: track.example.com\r\n")
     for _ in range(29):  # one byte a second restarts the idle timer, not this deadline
         clock.advance(1)
@@ -321,14 +327,8 @@ def test_a_request_head_dripping_past_client_timeout_gets_408_and_is_closed(prox
 
 
 def test_a_complete_head_cancels_the_deadline(proxy):
-    from twisted.internet.task import Clock
-
     site, client, _ = proxy
-    clock = Clock()
-    site.timeOut = 30
-    channel = site.buildProtocol(None)
-    channel.callLater = clock.callLater
-    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000)))
+    channel, _, clock = clocked_channel(site)
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: track.example.com\r\n\r\n")
     assert len(client.calls) == 1
     assert all(not c.func.__name__ == "_head_too_slow" for c in clock.getDelayedCalls())
