@@ -7,6 +7,7 @@ sharing one upstream fetch, its answer or its error; what is never stored (cooki
 ``no-store``/``private``, ``Vary: *``, other statuses); the TTL shortened by the
 platform's ``max-age``; both bounds holding under thousands of distinct URLs; and what
 ``/metrics`` says about it. ``scripts/absorption`` is run as users would run it.
+The 200,000-URL scale of the bounds runs in-process, in ``test_cache_bounds.py``.
 
 The stand-in numbers its answers (``X-Upstream-Request``), so a replayed answer is told
 from a fresh one by more than timing. Every test uses paths no other test uses. Waiting
