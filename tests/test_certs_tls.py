@@ -58,8 +58,17 @@ def config_for(tmp_path, domains: str):
 
 def serial_served(server_tls: ServerTLS, server_name: bytes | None) -> int:
     """Handshake in memory with ``server_name`` as SNI; the leaf serial the server sent."""
-    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    client = SSL.Connection(client_ctx, None)
+    client = handshake(server_tls, server_name)
+    return client.get_peer_certificate().get_serial_number()
+
+
+def handshake(
+    server_tls: ServerTLS,
+    server_name: bytes | None,
+    client_ctx: SSL.Context | None = None,
+) -> SSL.Connection:
+    """A real TLS handshake pumped between memory BIOs; returns the client connection."""
+    client = SSL.Connection(client_ctx or SSL.Context(SSL.TLS_CLIENT_METHOD), None)
     if server_name is not None:
         client.set_tlsext_host_name(server_name)
     client.set_connect_state()
@@ -81,7 +90,7 @@ def serial_served(server_tls: ServerTLS, server_name: bytes | None) -> int:
                     break
                 b.bio_write(data)
         if client.get_peer_certificate() is not None:
-            return client.get_peer_certificate().get_serial_number()
+            return client
     raise AssertionError("handshake did not complete")
 
 
@@ -179,6 +188,56 @@ def test_acme_domain_without_issued_files_is_inactive_and_none_serves_nothing(tm
     states = CertificateStore(lambda: NOW).load(config)
     assert (states["a.example.com"].status, states["b.example.com"].status) == ("inactive", "inactive")
     assert states["a.example.com"].context is None and states["b.example.com"].source == "none"
+
+
+def served_tls(tmp_path) -> ServerTLS:
+    cert_path, key_path, _ = make_pair(tmp_path, "a.example.com")
+    config = config_for(tmp_path, f"  a.example.com: {{certificate: {{cert: {cert_path}, key: {key_path}}}}}\n")
+    store = CertificateStore(lambda: NOW)
+    store.load(config)
+    server_tls = ServerTLS()
+    server_tls.set_contexts(store.contexts())
+    return server_tls
+
+
+@pytest.mark.parametrize("cipher", [b"AES128-SHA", b"AES256-SHA256", b"ECDHE-RSA-AES128-SHA", b"DES-CBC3-SHA"])
+def test_tls12_clients_offering_only_legacy_ciphers_are_refused(tmp_path, cipher):
+    server_tls = served_tls(tmp_path)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    try:
+        ctx.set_cipher_list(cipher + b":@SECLEVEL=0")
+    except SSL.Error:
+        pytest.skip(f"this OpenSSL no longer offers {cipher!r} at all")
+    with pytest.raises(SSL.Error):
+        handshake(server_tls, b"a.example.com", ctx)
+
+
+def test_tls12_client_with_a_modern_cipher_is_served(tmp_path):
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(b"ECDHE-ECDSA-AES128-GCM-SHA256")
+    client = handshake(served_tls(tmp_path), b"a.example.com", ctx)
+    assert client.get_cipher_name() == "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+def test_upstream_pools_are_replaced_every_few_minutes():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from proxy.config import Upstream
+    from proxy.upstream import POOL_MAX_AGE, UpstreamClient, rotate_every
+
+    reactor = MemoryReactorClock()
+    client = UpstreamClient(reactor, Upstream("u", "http", "u.example", 80), connect_timeout=5, timeout=15)
+    first = client._pool
+    loop = rotate_every(reactor, lambda: [client])
+    reactor.advance(POOL_MAX_AGE - 1)
+    assert client._pool is first
+    reactor.advance(1)
+    assert client._pool is not first
+    # The old pool closes connections as they come back, so none outlives a rotation.
+    assert first.cachedConnectionTimeout == 0
+    loop.stop()
 
 
 @pytest.mark.parametrize(

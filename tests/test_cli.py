@@ -64,3 +64,20 @@ def test_run_refuses_an_invalid_file_before_listening(tmp_path):
     result = trackproxy("run", "-c", str(path))
     assert result.returncode == 1
     assert "unknown upstream 'nowhere'" in result.stderr
+
+
+def test_run_exits_1_naming_the_listener_when_its_port_is_taken(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "t.yaml"
+        path.write_text(
+            f"listen: {{http: ['tcp:{port}:interface=127.0.0.1'], https: [], admin: []}}\n"
+            f"state_dir: {tmp_path / 'state'}\ndomains: {{track.example.com: {{certificate: none}}}}\n"
+        )
+        result = trackproxy("run", "-c", str(path))
+    assert result.returncode == 1
+    assert f"cannot listen for http on 'tcp:{port}:interface=127.0.0.1'" in result.stdout

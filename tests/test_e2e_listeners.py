@@ -78,6 +78,23 @@ def challenge_over_https(host: str, port: int, cafile: Path) -> tuple[int, bytes
         conn.close()
 
 
+def fetch_challenge_tls(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLSession, bool]:
+    """One HTTPS challenge fetch on a fresh connection: (its session, whether it resumed)."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname=DOMAIN, session=session
+    )
+    with sock:
+        sock.sendall(f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        # Read after the answer: TLS 1.3 tickets arrive after the handshake.
+        return sock.session, sock.session_reused
+
+
 def healthy(port: int) -> bool:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
@@ -152,5 +169,29 @@ def test_systemd_socket_activation_with_named_sockets(tmp_path):
         cafile = tmp_path / "state" / "certs" / DOMAIN / "self-signed.pem"
         assert challenge_over_https("127.0.0.1", https_port, cafile) == (200, f"{TOKEN}.thumbprint".encode())
         assert os.path.exists(cafile)
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_sessions_resume_on_a_domain_chosen_by_sni(tmp_path, version):
+    https, admin = free_port(), free_port()
+    config = write_config(
+        tmp_path,
+        "listen:\n  http: []\n"
+        f'  https: ["tcp:{https}:interface=127.0.0.1"]\n'
+        f'  admin: ["tcp:{admin}:interface=127.0.0.1"]\n',
+    )
+    log = tmp_path / "proxy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(config)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: healthy(admin), "/healthz", proc=proc, log=log)
+        context = ssl.create_default_context(cafile=str(tmp_path / "state" / "certs" / DOMAIN / "self-signed.pem"))
+        context.minimum_version = context.maximum_version = version
+        session, resumed = fetch_challenge_tls(https, context)
+        assert session is not None and not resumed
+        _, resumed = fetch_challenge_tls(https, context, session=session)
+        assert resumed
     finally:
         stop(proc)
