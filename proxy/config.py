@@ -954,3 +954,25 @@ def load_config(path: str) -> Config:
 def config_path(explicit: str | None) -> str:
     """``-c FILE``, else ``$TRACKPROXY_CONFIG``, else the system-wide default."""
     return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def admin_url(config: Config) -> str | None:
+    """``http://HOST:PORT`` of the first ``tcp``/``tcp6`` admin listener, as a local client
+    reaches it (a wildcard interface is reached through loopback), or None when the admin
+    listener is only a unix or systemd socket."""
+    for description in config.listen.admin:
+        parts = re.split(r"(?<!\\):", description)
+        if parts[0] not in ("tcp", "tcp6"):
+            continue
+        args = [p for p in parts[1:] if "=" not in p]
+        kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        port = args[0] if args else kwargs["port"]
+        host = kwargs.get("interface", "").replace("\\:", ":")
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+    return None
