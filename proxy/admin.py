@@ -1,11 +1,15 @@
-"""The admin listener (loopback by default): ``/healthz`` and ``/metrics``.
+"""The admin listener (loopback by default): ``/healthz``, ``/metrics``, ``/status``
+and ``POST /reload``.
 
-This module owns the admin HTTP resources. It reads the service's state through
-the callables it is given and never touches the proxy's listeners itself.
+This module owns the admin HTTP resources. It reads the service's state and asks for
+reloads through the callables it is given, and never touches the proxy's listeners
+itself. The listener has no authentication: it belongs on loopback (the default) or a
+private interface.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from twisted.web import server
@@ -48,15 +52,58 @@ class MetricsResource(Resource):
         return body
 
 
+def _json(request: server.Request, code: int, document: object) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(document, indent=2).encode("utf-8") + b"\n"
+
+
+class StatusResource(Resource):
+    """``GET /status``: the JSON of SPEC §5 (what ``trackproxy status --json`` prints)."""
+
+    isLeaf = True
+
+    def __init__(self, status: Callable[[], dict]) -> None:
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return _json(request, 200, self._status())
+
+
+class ReloadResource(Resource):
+    """``POST /reload``: 200 with the outcome, or 422 with the config errors (and
+    nothing changed)."""
+
+    isLeaf = True
+
+    def __init__(self, reload: Callable[[], tuple[bool, dict]]) -> None:
+        super().__init__()
+        self._reload = reload
+
+    def render_POST(self, request: server.Request) -> bytes:
+        ok, outcome = self._reload()
+        return _json(request, 200 if ok else 422, outcome)
+
+
 class AdminSite(server.Site):
     """The admin listener's factory; its own access log stays quiet too."""
 
     noisy = False
 
-    def __init__(self, is_ready: Callable[[], bool], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        is_ready: Callable[[], bool],
+        metrics: Metrics,
+        status: Callable[[], dict],
+        reload: Callable[[], tuple[bool, dict]],
+    ) -> None:
         root = Resource()
         root.putChild(b"healthz", HealthResource(is_ready))
         root.putChild(b"metrics", MetricsResource(metrics))
+        root.putChild(b"status", StatusResource(status))
+        root.putChild(b"reload", ReloadResource(reload))
         super().__init__(root)
 
     def log(self, request: object) -> None:

@@ -123,6 +123,14 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries_per_domain(self) -> dict[str, int]:
+        """domain -> entries held, in one scan (for status; not per request)."""
+        counts: dict[str, int] = {}
+        for entry in self._entries.values():
+            name = entry.domain.decode("ascii")
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def entries_for(self, domain: bytes) -> int:
         """How many entries a domain holds (for status; scans, so not per request)."""
         return sum(1 for e in self._entries.values() if e.domain == domain)

@@ -10,13 +10,17 @@ the previous context of a domain whose new files are broken and records why in
 ``last_error``. Which contexts the HTTPS listener serves is decided by the caller, which
 hands :meth:`CertificateStore.contexts` to ``tls.ServerTLS`` in one swap.
 
-Issuing and renewing ACME certificates is certbot's job (through the plugin); this module
-only picks up what certbot deployed into ``state_dir/certs/DOMAIN/``.
+Issuing and renewing ACME certificates is certbot's job (through the plugin, driven by
+``renewal``); this module picks up what certbot deployed into ``state_dir/certs/DOMAIN/``,
+remembers each ACME domain's attempts in ``state_dir/status.json`` (:class:`AcmeRecords`)
+so a restart keeps failures and back-off, and combines both into the status an operator
+sees (:func:`describe`).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -32,6 +36,8 @@ from proxy.config import Config, Domain
 from proxy.tls import CertificateLoadError, context_for_files, load_pem_chain
 
 STATUSES = ("inactive", "pending", "valid", "expired", "failed", "unavailable")
+#: Where ACME attempts are remembered across restarts, in ``state_dir``.
+STATUS_FILE = "status.json"
 
 #: Names of the files certbot's trackproxy installer deploys (and the proxy reads).
 ACME_FULLCHAIN = "fullchain.pem"
@@ -222,3 +228,139 @@ def write_atomically(path: str, data: bytes, mode: int) -> None:
         except OSError:
             pass
         raise
+
+
+# ---------------------------------------------------------------------------
+# ACME attempts, remembered across restarts
+
+
+@attrs.frozen
+class AcmeRecord:
+    """What the last ACME attempts for one domain left behind.
+
+    ``failures`` counts consecutive failed attempts (it sets the back-off);
+    ``next_attempt`` is the earliest wall-clock time (epoch seconds) of the next one;
+    ``unavailable`` is set when the CA must not be asked at all (CAA forbids it, or the
+    name is not eligible), with ``last_error`` saying why.
+    """
+
+    failures: int = 0
+    last_error: str | None = None
+    next_attempt: float | None = None
+    unavailable: bool = False
+
+
+class AcmeRecords:
+    """``state_dir/status.json``: one :class:`AcmeRecord` per ACME domain.
+
+    Every change is written through at once (atomically), so a crash or restart never
+    forgets a failure and never resets a back-off. An unreadable file is treated as
+    empty: the worst outcome is one early attempt.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, STATUS_FILE)
+        self._records: dict[str, AcmeRecord] = self._read()
+
+    def _read(self) -> dict[str, AcmeRecord]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                raw = json.load(f)
+            return {
+                domain: AcmeRecord(
+                    failures=int(entry.get("failures", 0)),
+                    last_error=entry.get("last_error"),
+                    next_attempt=entry.get("next_attempt"),
+                    unavailable=bool(entry.get("unavailable", False)),
+                )
+                for domain, entry in raw.get("domains", {}).items()
+            }
+        except (OSError, ValueError, AttributeError, TypeError):
+            return {}
+
+    def get(self, domain: str) -> AcmeRecord:
+        return self._records.get(domain, AcmeRecord())
+
+    def set(self, domain: str, record: AcmeRecord) -> None:
+        if self._records.get(domain, AcmeRecord()) == record:
+            return
+        if record == AcmeRecord():
+            self._records.pop(domain, None)
+        else:
+            self._records[domain] = record
+        self._write()
+
+    def forget_except(self, domains: frozenset[str] | set[str]) -> None:
+        """Drop the records of domains no longer configured."""
+        gone = [d for d in self._records if d not in domains]
+        for domain in gone:
+            del self._records[domain]
+        if gone:
+            self._write()
+
+    def _write(self) -> None:
+        body = {"domains": {d: attrs.asdict(r) for d, r in sorted(self._records.items())}}
+        write_atomically(self.path, json.dumps(body, indent=2).encode("utf-8") + b"\n", mode=0o644)
+
+
+def is_due(state: CertificateState, renew_before: float, now: datetime.datetime) -> bool:
+    """Whether an ACME domain needs certbot: nothing usable served, or the served
+    certificate ends within ``renew_before`` seconds."""
+    if state.context is None or state.not_after is None:
+        return True
+    return (state.not_after - now).total_seconds() <= renew_before
+
+
+@attrs.frozen
+class CertificateView:
+    """One domain's certificate as ``/status`` and the metrics show it."""
+
+    status: str
+    source: str
+    not_after: datetime.datetime | None
+    next_renewal: datetime.datetime | None
+    last_error: str | None
+
+
+def describe(
+    state: CertificateState,
+    record: AcmeRecord | None,
+    renew_before: float,
+    now: datetime.datetime,
+    in_progress: bool = False,
+) -> CertificateView:
+    """The status machine of SPEC §5: what the served files and the ACME attempts say
+    together.
+
+    A usable certificate decides the status (``valid`` or ``expired``) whatever the
+    attempts to renew it say; their error shows in ``last_error``. Without one, an ACME
+    domain is ``pending`` while certbot works or has yet to try, ``failed`` after a failed
+    attempt, and ``unavailable`` when the CA must not be asked.
+    """
+    next_renewal = None
+    last_error = state.last_error
+    status = state.status
+    if record is not None:  # an ACME domain
+        last_error = record.last_error or state.last_error
+        if record.next_attempt is not None:
+            next_renewal = datetime.datetime.fromtimestamp(record.next_attempt, datetime.timezone.utc)
+        elif state.not_after is not None:
+            next_renewal = max(now, state.not_after - datetime.timedelta(seconds=renew_before))
+        else:
+            next_renewal = now
+        if state.context is None:
+            if in_progress:
+                status = "pending"
+            elif record.unavailable:
+                status = "unavailable"
+            elif record.failures or state.status == "failed":
+                status = "failed"
+            else:
+                status = "pending"
+    return CertificateView(
+        status=status,
+        source=state.source,
+        not_after=state.not_after,
+        next_renewal=next_renewal,
+        last_error=last_error,
+    )

@@ -14,7 +14,9 @@ from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
+    PredicateResult,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -53,10 +55,22 @@ class JSONLineObserver:
         self._stream.flush()
 
 
+@implementer(ILogFilterPredicate)
+class QuietLegacyInfo:
+    """Drops Twisted's own legacy chatter ("Starting protocol", "... starting on 8080",
+    "(UDP Port 4711 Closed)") that every DNS lookup and listener produces at info level;
+    legacy warnings and errors still pass."""
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        if event.get("log_namespace") == "log_legacy" and event.get("log_level") in (LogLevel.info, LogLevel.debug):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
 def start_logging(stream: IO[str] | None = None, level: LogLevel = LogLevel.info) -> None:
     """Send every event at ``level`` or above to ``stream`` (standard output)."""
     observer = FilteringLogObserver(
         JSONLineObserver(stream or sys.stdout),
-        [LogLevelFilterPredicate(defaultLogLevel=level)],
+        [LogLevelFilterPredicate(defaultLogLevel=level), QuietLegacyInfo()],
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

@@ -11,9 +11,14 @@ The registry is injected (a fresh ``CollectorRegistry()`` per test).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.exposition import choose_encoder
+from collections.abc import Callable, Iterator, Mapping
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from proxy.certs import STATUSES
 from proxy.config import KNOWN_METHODS
 
 UNKNOWN_DOMAIN = "_unknown"
@@ -63,6 +68,26 @@ class Metrics:
             "Entries evicted to stay within cache.max_entries / cache.max_bytes.",
             registry=registry,
         )
+        self.certificate_renewals = Counter(
+            "trackproxy_certificate_renewals_total",
+            "certbot runs for a domain, by result (success, failure).",
+            ["domain", "result"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "trackproxy_config_reloads_total",
+            "Reloads of the configuration, by result (success, failure).",
+            ["result"],
+            registry=registry,
+        )
+        self.config_last_reload_success = Gauge(
+            "trackproxy_config_last_reload_success",
+            "1 if the last reload (or the start) loaded the configuration, 0 if it was refused.",
+            registry=registry,
+        )
+        self.config_last_reload_success.set(1)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
         self._request_children: dict[tuple, tuple] = {}
         self._upstream_children: dict[tuple, tuple] = {}
 
@@ -97,7 +122,49 @@ class Metrics:
     def cache_evicted(self, count: int) -> None:
         self.cache_evictions.inc(count)
 
+    def count_renewal(self, domain: str, result: str) -> None:
+        self.certificate_renewals.labels(domain, result).inc()
+
+    def count_reload(self, success: bool) -> None:
+        self.config_reloads.labels("success" if success else "failure").inc()
+        self.config_last_reload_success.set(1 if success else 0)
+
+    def watch_certificates(self, views: Callable[[], Mapping[str, object]]) -> None:
+        """Export each domain's certificate status and expiry, read at scrape time from
+        ``views()`` (domain -> :class:`~proxy.certs.CertificateView`), so the series
+        always match the configured domains, also after a reload removed one."""
+        self.registry.register(_CertificateCollector(views))
+
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format the scraper asked for, and its content type."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class _CertificateCollector(Collector):
+    """``trackproxy_certificate_status`` and ``..._expiry_timestamp_seconds``."""
+
+    def __init__(self, views: Callable[[], Mapping[str, object]]) -> None:
+        self._views = views
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        status = GaugeMetricFamily(
+            "trackproxy_certificate_status",
+            "1 for the domain's current certificate status, 0 for the others.",
+            labels=["domain", "status"],
+        )
+        expiry = GaugeMetricFamily(
+            "trackproxy_certificate_expiry_timestamp_seconds",
+            "When the certificate served for the domain ends (Unix time).",
+            labels=["domain"],
+        )
+        for domain, view in sorted(self._views().items()):
+            for name in STATUSES:
+                status.add_metric([domain, name], 1.0 if view.status == name else 0.0)  # type: ignore[attr-defined]
+            if view.not_after is not None:  # type: ignore[attr-defined]
+                expiry.add_metric([domain], view.not_after.timestamp())  # type: ignore[attr-defined]
+        yield status
+        yield expiry

@@ -10,6 +10,15 @@ then put in service by swapping references, so a later reload can build a new
 runtime, refuse it whole on any error, and otherwise swap it in without touching the
 listening sockets (systemd-adopted sockets can only be listened on once).
 
+Reload (:meth:`ProxyService.reload`, on ``SIGHUP`` or ``POST /reload``) parses the
+YAML again, builds a new runtime and loads every certificate, and swaps them in only
+when all of that worked; a refused file changes nothing. Listener changes need a
+restart (the sockets are the one thing a reload never touches).
+
+Certificates are also re-read every :data:`CERTIFICATE_CHECK_INTERVAL` seconds (a stat
+per file; only changed files are parsed), which is how files renewed by an operator's
+tooling or by ``certbot renew`` without the plugin's reload are picked up.
+
 Each worker process holds its own runtime, built from the same files; nothing here
 assumes it is the only process serving the sockets.
 """
@@ -18,11 +27,12 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -32,10 +42,13 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from proxy.acme import ChallengeStore, challenge_dir
 from proxy.admin import AdminSite
 from proxy.cache import ResponseCache
-from proxy.certs import CertificateStore
-from proxy.config import Config
+from proxy.certs import AcmeRecords, CertificateStore, CertificateView, describe
+from proxy.config import Config, ConfigErrors, load_config
 from proxy.forward import ProxySite, Router
+from proxy.issuer import CertbotIssuer
 from proxy.metrics import Metrics
+from proxy.preflight import Preflight, resolver_for
+from proxy.renewal import RenewalManager
 from proxy.tls import ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
 
@@ -44,6 +57,8 @@ log = Logger(namespace="trackproxy.service")
 #: Open connections one listener accepts; past it new ones are closed at once, so
 #: memory stays bounded (a TLS connection costs tens of KiB) whatever clients do.
 MAX_CONNECTIONS_PER_LISTENER = 10_000
+#: How often certificate files are checked for changes on disk (SPEC: within a minute).
+CERTIFICATE_CHECK_INTERVAL = 30.0
 
 
 class ConnectionLimit(WrappingFactory):
@@ -121,15 +136,27 @@ class ProxyService:
         self, reactor: object, config: Config, now: Callable[[], datetime.datetime] = utc_now
     ) -> None:
         self._reactor = reactor
+        self._now = now
         self.server_tls = ServerTLS()
         self.certificates = CertificateStore(now)
         self.ready = False
         self.ports: dict[str, list[object]] = {"http": [], "https": [], "admin": []}
         self._rotation = None
+        self._certificate_check: LoopingCall | None = None
+        self.loaded_at = now()
+        self.last_reload_success = True
         prepare_state_dir(config.state_dir)
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         self.metrics = Metrics(registry)
+        self.renewals = RenewalManager(
+            now,
+            AcmeRecords(config.state_dir),
+            CertbotIssuer(reactor, os.environ),
+            on_issued=self.check_certificates,
+            count=self.metrics.count_renewal,
+        )
+        self._preflight = self._preflight_for(config, None)
         # One cache per process, kept across reloads (which drop removed domains' entries).
         self.cache = ResponseCache(
             reactor.seconds,  # type: ignore[attr-defined]
@@ -143,16 +170,21 @@ class ProxyService:
         limits = config.limits
         self.http_site = ProxySite(self.runtime.router, b"http", limits.client_timeout, limits.max_header_bytes)
         self.https_site = ProxySite(self.runtime.router, b"https", limits.client_timeout, limits.max_header_bytes)
-        self.admin_site = AdminSite(lambda: self.ready, self.metrics)
+        self.admin_site = AdminSite(lambda: self.ready, self.metrics, self.status, self.reload)
+        self.metrics.watch_certificates(self.certificate_views)
 
     @property
     def config(self) -> Config:
         return self.runtime.config
 
     def _load_certificates(self, config: Config) -> None:
+        previous = self.certificates.states
         states = self.certificates.load(config)
         self.server_tls.set_contexts(self.certificates.contexts())
         for state in states.values():
+            before = previous.get(state.domain)
+            if before is not None and before.files == state.files and before.source == state.source:
+                continue  # unchanged on disk: said already
             if state.last_error:
                 log.error(
                     "certificate for {domain} refused: {error}",
@@ -167,6 +199,116 @@ class ProxyService:
                     domain=state.domain,
                     source=state.source,
                 )
+            else:
+                log.info(
+                    "certificate for {domain} loaded ({source}), valid until {not_after}",
+                    domain=state.domain,
+                    source=state.source,
+                    not_after=_iso(state.not_after),
+                )
+
+    def _preflight_for(self, config: Config, previous: Config | None) -> Preflight:
+        """Keep the resolver while ``resolvers`` stays the same (the system's re-reads
+        resolv.conf on its own schedule, so one is made, not one per reload)."""
+        if previous is not None and previous.resolvers == config.resolvers:
+            return self._preflight
+        return Preflight(resolver_for(config.resolvers, self._reactor))
+
+    def check_certificates(self) -> None:
+        """Re-read certificate files that changed, then let ACME domains that need it
+        have a certbot run."""
+        self._load_certificates(self.config)
+        self.renewals.update(self.config, self.certificates.states, self._preflight)
+
+    def certificate_views(self) -> dict[str, CertificateView]:
+        """Each configured domain's certificate as status and metrics show it."""
+        config = self.config
+        now = self._now()
+        views = {}
+        for name, state in self.certificates.states.items():
+            acme = config.domains[name].certificate.kind == "acme" if name in config.domains else False
+            record = self.renewals.records.get(name) if acme else None
+            views[name] = describe(
+                state, record, config.acme.renew_before, now, in_progress=self.renewals.running == name
+            )
+        return views
+
+    def status(self) -> dict:
+        """The ``GET /status`` document (SPEC §5 Admin)."""
+        config = self.config
+        views = self.certificate_views()
+        cache_counts = self.cache.entries_per_domain()
+        domains = {}
+        for name, domain in config.domains.items():
+            view = views.get(name)
+            domains[name] = {
+                "upstream": domain.upstream.name,
+                "cache_entries": cache_counts.get(name, 0),
+                "certificate": {
+                    "status": view.status if view else "inactive",
+                    "source": view.source if view else domain.certificate.source,
+                    "not_after": _iso(view.not_after) if view else None,
+                    "next_renewal": _iso(view.next_renewal) if view else None,
+                    "last_error": view.last_error if view else None,
+                },
+            }
+        return {
+            "config": {
+                "path": config.path,
+                "loaded_at": _iso(self.loaded_at),
+                "last_reload_success": self.last_reload_success,
+            },
+            "domains": domains,
+        }
+
+    def reload(self) -> tuple[bool, dict]:
+        """Re-read the YAML and the certificates; swap them in only if all is well.
+
+        Returns:
+            (True, summary) after a swap, or (False, {"errors": [...]}) with nothing
+            changed.
+        """
+        path = self.config.path
+        try:
+            config = load_config(path)
+            prepare_state_dir(config.state_dir)
+        except ConfigErrors as e:
+            return self._reload_refused([str(error) for error in e.errors])
+        except OSError as e:
+            return self._reload_refused([f"{path}: cannot prepare state_dir: {e}"])
+        old = self.runtime
+        if config.listen != old.config.listen:
+            log.warn("listener changes in {config} take effect at the next restart", config=path)
+        if config.state_dir != old.config.state_dir:
+            self.renewals.records = AcmeRecords(config.state_dir)
+        runtime = build_runtime(self._reactor, config, self.cache, self.metrics)
+        self.runtime = runtime
+        self.http_site.router = runtime.router
+        self.https_site.router = runtime.router
+        self.cache.drop_domains_except(name.encode("ascii") for name in config.domains)
+        self._preflight = self._preflight_for(config, old.config)
+        self.check_certificates()
+        for client in old.clients.values():
+            client.close()  # idle connections only: requests under way finish on theirs
+        self.loaded_at = self._now()
+        self.last_reload_success = True
+        self.metrics.count_reload(True)
+        for warning in config.warnings:
+            log.warn("{warning}", warning=str(warning))
+        log.info("configuration reloaded: {count} domains", count=len(config.domains), config=path)
+        return True, {
+            "result": "success",
+            "config": path,
+            "domains": len(config.domains),
+            "certificates": {name: view.status for name, view in self.certificate_views().items()},
+        }
+
+    def _reload_refused(self, errors: list[str]) -> tuple[bool, dict]:
+        self.last_reload_success = False
+        self.metrics.count_reload(False)
+        for error in errors:
+            log.error("reload refused: {error}", error=error)
+        return False, {"result": "failure", "errors": errors}
 
     def start(self) -> defer.Deferred:
         """Listen on every configured endpoint; fires when all are up, fails on the first
@@ -208,6 +350,9 @@ class ProxyService:
 
     def _started(self, _: object) -> None:
         self._rotation = rotate_every(self._reactor, lambda: list(self.runtime.clients.values()))
+        self._certificate_check = LoopingCall(self.check_certificates)
+        self._certificate_check.clock = self._reactor
+        self._certificate_check.start(CERTIFICATE_CHECK_INTERVAL, now=True)
         self.ready = True
         log.info(
             "trackproxy serving {count} domains",
@@ -218,11 +363,19 @@ class ProxyService:
     def stop(self) -> defer.Deferred:
         """Stop listening and close idle upstream connections."""
         self.ready = False
-        if self._rotation is not None and self._rotation.running:
-            self._rotation.stop()
+        self.renewals.stop()
+        for loop in (self._rotation, self._certificate_check):
+            if loop is not None and loop.running:
+                loop.stop()
         closing = [defer.maybeDeferred(p.stopListening) for ps in self.ports.values() for p in ps]
         closing += [c.close() for c in self.runtime.clients.values()]
         return defer.gatherResults(closing, consumeErrors=True)
+
+
+def _iso(moment: datetime.datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ListenError(Exception):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import http.client
+import ipaddress
 import os
 import socket
 import ssl
@@ -83,8 +84,9 @@ class LocalCA:
         self.cert_path = directory / "ca.pem"
         self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, host: str) -> tuple[Path, Path]:
-        """A server certificate for ``host`` signed by this CA.
+    def issue(self, host: str, ip: str | None = None) -> tuple[Path, Path]:
+        """A server certificate for ``host`` (and the address ``ip``, if given) signed by
+        this CA.
 
         Returns:
             The certificate file (the leaf alone: the root is the trust anchor, so the
@@ -101,7 +103,12 @@ class LocalCA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=10))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(host)] + ([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])
+                ),
+                critical=False,
+            )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -581,12 +588,14 @@ def start_proxy(
     config: Mapping[str, Any],
     files: Mapping[str, Path] | None = None,
     ready_within: float = 15.0,
+    http_port: int | None = None,
 ) -> ProxyProcess:
     """Write ``trackproxy.yaml`` into ``directory`` and run the proxy on it.
 
     ``listen`` (three fresh loopback ports) and ``state_dir`` are filled in unless
     ``config`` sets them. ``files`` are copied next to the YAML under the given names,
-    so the config can name them by relative path.
+    so the config can name them by relative path. ``http_port`` chooses the plain-HTTP
+    port in advance (pebble's ``httpPort`` must name it before the proxy starts).
 
     Returns:
         The process once ``GET /healthz`` on its admin listener answers 200.
@@ -600,7 +609,9 @@ def start_proxy(
         target = directory / name
         target.write_bytes(source.read_bytes())
         target.chmod(source.stat().st_mode & 0o777)
-    http_port, https_port, admin_port = free_port(), free_port(), free_port()
+    if http_port is None:
+        http_port = free_port()
+    https_port, admin_port = free_port(), free_port()
     full = {
         "listen": {
             "http": [f"tcp:{http_port}:interface={LOOPBACK}"],
