@@ -266,15 +266,7 @@ class AcmeRecords:
         try:
             with open(self.path, encoding="utf-8") as f:
                 raw = json.load(f)
-            return {
-                domain: AcmeRecord(
-                    failures=int(entry.get("failures", 0)),
-                    last_error=entry.get("last_error"),
-                    next_attempt=entry.get("next_attempt"),
-                    unavailable=bool(entry.get("unavailable", False)),
-                )
-                for domain, entry in raw.get("domains", {}).items()
-            }
+            return {domain: _record_from(entry) for domain, entry in raw.get("domains", {}).items()}
         except (OSError, ValueError, AttributeError, TypeError):
             return {}
 
@@ -301,6 +293,21 @@ class AcmeRecords:
     def _write(self) -> None:
         body = {"domains": {d: attrs.asdict(r) for d, r in sorted(self._records.items())}}
         write_atomically(self.path, json.dumps(body, indent=2).encode("utf-8") + b"\n", mode=0o644)
+
+
+def _record_from(entry: dict) -> AcmeRecord:
+    """One record as written by :meth:`AcmeRecords._write`; ValueError/TypeError if the
+    file was edited into something else."""
+    next_attempt = entry.get("next_attempt")
+    last_error = entry.get("last_error")
+    if last_error is not None and not isinstance(last_error, str):
+        raise TypeError("last_error")
+    return AcmeRecord(
+        failures=int(entry.get("failures", 0)),
+        last_error=last_error,
+        next_attempt=None if next_attempt is None else float(next_attempt),
+        unavailable=bool(entry.get("unavailable", False)),
+    )
 
 
 def is_due(state: CertificateState, renew_before: float, now: datetime.datetime) -> bool:

@@ -177,6 +177,7 @@ class CertbotIssuer:
         self._reactor = reactor
         self._environ = environ
         self._python = python
+        self._running: object | None = None
 
     def issue(self, config_path: str, state_dir: str, acme: AcmeSettings, domain: str, force: bool) -> defer.Deferred:
         """Run certbot; fires with a :class:`CertbotOutcome` (never fails)."""
@@ -194,9 +195,11 @@ class CertbotIssuer:
         except OSError as e:
             return defer.succeed(CertbotOutcome(ok=False, error=f"cannot start certbot: {e}"))
         process.closeStdin()
+        self._running = process
         timer = self._reactor.callLater(RUN_TIMEOUT, _kill, process)  # type: ignore[attr-defined]
 
         def ended(result: tuple[int, str]) -> CertbotOutcome:
+            self._running = None
             if timer.active():
                 timer.cancel()
                 return read_outcome(*result)
@@ -205,8 +208,15 @@ class CertbotIssuer:
         return collector.done.addCallback(ended)
 
 
-def _kill(process: object) -> None:
+    def stop(self) -> None:
+        """Ask a certbot under way to stop (the proxy is shutting down): certbot exits
+        cleanly on SIGTERM, releasing its locks; the next start tries again."""
+        if self._running is not None:
+            _kill(self._running, "TERM")
+
+
+def _kill(process: object, signal: str = "KILL") -> None:
     try:
-        process.signalProcess("KILL")  # type: ignore[attr-defined]
+        process.signalProcess(signal)  # type: ignore[attr-defined]
     except error.ProcessExitedAlready:
         pass

@@ -96,8 +96,11 @@ class RenewalManager:
         self.kick()
 
     def stop(self) -> None:
-        """Start no further runs (the one under way finishes on its own)."""
+        """Start no further runs, and end the one under way (shutting down)."""
         self._stopped = True
+        stop = getattr(self._issuer, "stop", None)
+        if stop is not None:
+            stop()
 
     def kick(self) -> None:
         """Start a run for the first due domain, unless one is under way."""
@@ -108,7 +111,7 @@ class RenewalManager:
             return
         self.running = domain
         attempt = defer.ensureDeferred(self._attempt(domain))
-        attempt.addErrback(lambda f: log.failure("certificate attempt for {domain} crashed", f, domain=domain))
+        attempt.addErrback(self._crashed, domain)
         attempt.addBoth(self._finished)
 
     def _next_due(self) -> str | None:
@@ -124,6 +127,12 @@ class RenewalManager:
             if state is None or is_due(state, config.acme.renew_before, now):
                 return domain
         return None
+
+    def _crashed(self, failure: object, domain: str) -> None:
+        """A bug, not the CA: logged with its traceback, and backed off like a failure
+        so that it cannot turn into a loop of certbot runs."""
+        log.failure("certificate attempt for {domain} crashed", failure, domain=domain)
+        self._failed(domain, f"internal error: {failure.getErrorMessage()}")  # type: ignore[attr-defined]
 
     def _finished(self, _: object) -> None:
         self.running = None
@@ -151,6 +160,8 @@ class RenewalManager:
         outcome = await self._issuer.issue(  # type: ignore[attr-defined]
             config.path, config.state_dir, config.acme, domain, renewing
         )
+        if self._stopped:
+            return  # ended by shutdown, not by the CA: nothing to hold against the domain
         if outcome.busy:
             log.info("certbot is busy with another run; {domain} is tried again shortly", domain=domain)
             record = self.records.get(domain)
@@ -162,14 +173,15 @@ class RenewalManager:
         if not outcome.ok:
             self._failed(domain, outcome.error, retry_after=outcome.retry_after)
             return
-        self.records.set(domain, AcmeRecord())
         self._on_issued()
         state = self._states.get(domain)
         if state is None or is_due(state, config.acme.renew_before, self._now()):
             # Guard against a loop: a CA whose certificates live shorter than
-            # renew_before would otherwise be asked again at once, forever.
+            # renew_before would otherwise be asked again at once, forever; counted as
+            # a failure so the waits grow.
             self._failed(domain, _still_due(state, config.acme.renew_before))
             return
+        self.records.set(domain, AcmeRecord())
         self._count(domain, "success")
         log.info("certificate for {domain} issued, valid until {not_after}",
                  domain=domain, not_after=_iso(state.not_after))
