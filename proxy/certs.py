@@ -60,9 +60,9 @@ class CertificateState:
     context: SSL.Context | None = attrs.field(default=None, eq=False, repr=False)
     not_after: datetime.datetime | None = None
     last_error: str | None = None
-    #: The files this state was loaded from, and their modification times, so a watcher
-    #: can tell when they change.
-    files: tuple[tuple[str, int], ...] = ()
+    #: The files this state was loaded from, with (mtime, inode, size), so a watcher can
+    #: tell when they change.
+    files: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
 
 def domain_cert_dir(state_dir: str, domain: str) -> str:
@@ -82,13 +82,16 @@ def certificate_files(config: Config, domain: Domain) -> tuple[str, str] | None:
     return None
 
 
-def _mtimes(paths: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+def _fingerprints(paths: tuple[str, ...]) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+    """What tells a changed file without reading it: modification time, inode (an atomic
+    replace makes a new one, even when a copy kept the old time) and size."""
     result = []
     for path in paths:
         try:
-            result.append((path, os.stat(path).st_mtime_ns))
+            info = os.stat(path)
+            result.append((path, (info.st_mtime_ns, info.st_ino, info.st_size)))
         except OSError:
-            result.append((path, 0))
+            result.append((path, (0, 0, 0)))
     return tuple(result)
 
 
@@ -111,27 +114,30 @@ class CertificateStore:
         """name -> context for every domain that has something to serve."""
         return {d: s.context for d, s in self._states.items() if s.context is not None}
 
-    def load(self, config: Config) -> dict[str, CertificateState]:
+    def load(self, config: Config, reread: bool = False) -> dict[str, CertificateState]:
         """Load every domain of ``config``; domains no longer configured are dropped.
 
+        Files that look unchanged (:func:`_fingerprints`) are not parsed again unless
+        ``reread`` (an operator's reload: whatever the files look like, they are read).
         Self-signed certificates that are missing or stale are made first.
         """
         states: dict[str, CertificateState] = {}
         for domain in config.domains.values():
             if domain.certificate.kind == "self-signed":
                 ensure_self_signed(config, domain, self._now())
-            states[domain.name] = self._load_domain(config, domain)
+            states[domain.name] = self._load_domain(config, domain, reread)
         self._states = states
         return dict(states)
 
-    def _load_domain(self, config: Config, domain: Domain) -> CertificateState:
+    def _load_domain(self, config: Config, domain: Domain, reread: bool) -> CertificateState:
         source = domain.certificate.source
         files = certificate_files(config, domain)
         if files is None:
             return CertificateState(domain.name, source, "inactive")
-        fingerprint = _mtimes(files)
+        fingerprint = _fingerprints(files)
         previous = self._states.get(domain.name)
-        if previous is not None and previous.source == source and previous.files == fingerprint:
+        unchanged = previous is not None and previous.source == source and previous.files == fingerprint
+        if unchanged and not reread:
             return attrs.evolve(previous, status=self._status_for(previous.not_after, previous))
         if source == "acme" and not os.path.exists(files[0]):
             # Nothing issued yet: the domain waits for certbot.

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import attrs
 from twisted.internet import defer
@@ -177,9 +177,9 @@ class ProxyService:
     def config(self) -> Config:
         return self.runtime.config
 
-    def _load_certificates(self, config: Config) -> None:
+    def _load_certificates(self, config: Config, reread: bool = False) -> None:
         previous = self.certificates.states
-        states = self.certificates.load(config)
+        states = self.certificates.load(config, reread)
         self.server_tls.set_contexts(self.certificates.contexts())
         for state in states.values():
             before = previous.get(state.domain)
@@ -214,10 +214,10 @@ class ProxyService:
             return self._preflight
         return Preflight(resolver_for(config.resolvers, self._reactor))
 
-    def check_certificates(self) -> None:
-        """Re-read certificate files that changed, then let ACME domains that need it
-        have a certbot run."""
-        self._load_certificates(self.config)
+    def check_certificates(self, reread: bool = False) -> None:
+        """Re-read certificate files that changed (all of them if ``reread``), then let
+        ACME domains that need it have a certbot run."""
+        self._load_certificates(self.config, reread)
         self.renewals.update(self.config, self.certificates.states, self._preflight)
 
     def certificate_views(self) -> dict[str, CertificateView]:
@@ -287,7 +287,7 @@ class ProxyService:
         self.https_site.router = runtime.router
         self.cache.drop_domains_except(name.encode("ascii") for name in config.domains)
         self._preflight = self._preflight_for(config, old.config)
-        self.check_certificates()
+        self.check_certificates(reread=True)
         for client in old.clients.values():
             client.close()  # idle connections only: requests under way finish on theirs
         self.loaded_at = self._now()

@@ -786,6 +786,32 @@ def request(
         conn.close()
 
 
+def keep_alive_get(sock: socket.socket, host: str, path: str = "/f/a/b/c/d") -> int:
+    """One HTTP/1.1 GET on an open connection, leaving it open; the status code."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+def run_trackproxy(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """``trackproxy ARGS`` as an operator runs it, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+    )
+
+
 def wait_closed(sock: socket.socket, within: float) -> float:
     """Read from ``sock`` until the peer closes it; how many seconds that took.
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -37,8 +35,10 @@ from support import (
     UpstreamStandIn,
     connect,
     free_port,
+    keep_alive_get,
     poll,
     request,
+    run_trackproxy,
     scrape,
     start_proxy,
 )
@@ -47,18 +47,6 @@ GOOD = "track.example.test"  # DNS -> 127.0.0.1, the proxy
 ELSEWHERE = "lost.example.test"  # DNS -> 127.0.0.2, where nothing answers pebble
 FORBIDDEN = "caa.example.test"  # CAA: issue ";" (no CA may issue)
 ISSUANCE_WITHIN = 60.0
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
-    return LocalCA(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def upstream(ca: LocalCA) -> Iterator[UpstreamStandIn]:
-    stand_in = UpstreamStandIn(ca.issue("spgo.io"))
-    yield stand_in
-    stand_in.close()
 
 
 @pytest.fixture(scope="module")
@@ -229,12 +217,12 @@ def test_a_forced_renewal_serves_a_new_serial_without_restart_and_open_connectio
         assert keep_alive_get(opened, GOOD) == 302
 
         # Not due (pebble's certificates last years; renew_before is 30 days): nothing to do.
-        idle = trackproxy("certs", "-c", str(proxy.config_path), "renew", GOOD, pebble=pebble)
+        idle = run_trackproxy("certs", "-c", str(proxy.config_path), "renew", GOOD)
         assert idle.returncode == 0, idle.stderr
         assert "not due" in idle.stdout
         assert served_certificate(proxy, GOOD, roots).serial_number == before.serial_number
 
-        forced = trackproxy("certs", "-c", str(proxy.config_path), "renew", "--force", GOOD, pebble=pebble)
+        forced = run_trackproxy("certs", "-c", str(proxy.config_path), "renew", "--force", GOOD)
         assert forced.returncode == 0, forced.stdout + forced.stderr + proxy.log_tail()
 
         after = served_certificate(proxy, GOOD, roots)
@@ -248,31 +236,8 @@ def test_a_forced_renewal_serves_a_new_serial_without_restart_and_open_connectio
     assert certificate(proxy, GOOD)["not_after"] == after.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def keep_alive_get(sock: Any, host: str) -> int:
-    """One GET on an open connection, leaving it open; the status code."""
-    sock.sendall(f"GET /f/a/b/c/d HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = next(
-        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
-        0,
-    )
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return int(head.split(b" ", 2)[1])
 
 
-def trackproxy(*args: str, pebble: Pebble) -> subprocess.CompletedProcess[str]:
-    """``trackproxy ARGS`` as an operator runs it (certbot inside trusts pebble through
-    the config's ``acme.ca_bundle``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-    )
 
 
 def test_a_restart_remembers_a_failure_and_its_back_off(
