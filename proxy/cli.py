@@ -66,6 +66,21 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the admin listener's /status JSON")
     status.set_defaults(handler=cmd_status)
 
+    doctor = commands.add_parser(
+        "doctor",
+        help="the platforms' checks, automated: DNS, CAA, HTTPS certificate, probe relays a 3xx",
+    )
+    doctor.add_argument("-c", "--config", help=config_help)
+    doctor.add_argument("domains", nargs="*", metavar="DOMAIN", help="default: every configured domain")
+    doctor.add_argument(
+        "--address", action="append", default=[], metavar="IP",
+        help="this host's public address (repeatable; e.g. behind NAT); default: its own addresses",
+    )
+    doctor.add_argument(
+        "--ca-file", metavar="PEM", help="trust this CA for the https check instead of the system roots"
+    )
+    doctor.set_defaults(handler=cmd_doctor)
+
     certs = commands.add_parser("certs", help="run certbot with the trackproxy plugin")
     certs.add_argument("-c", "--config", help=config_help)
     # issue/renew are sub-commands so that DOMAIN ... may follow --force.
@@ -119,11 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from proxy.logs import start_logging
     from proxy.service import ProxyService
+    from proxy.systemd import Notifier
 
     start_logging()
     log = Logger(namespace="trackproxy.cli")
     try:
-        service = ProxyService(reactor, config)
+        service = ProxyService(reactor, config, notifier=Notifier(os.environ))
     except OSError as e:
         print(f"trackproxy: cannot prepare {config.state_dir}: {e}", file=sys.stderr)
         return 1
@@ -222,6 +238,17 @@ def format_status(status: dict) -> str:
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    config = _load_or_report(config_path(args.config))
+    if config is None:
+        return 1
+    from twisted.internet import reactor
+
+    from proxy.doctor import run_doctor
+
+    return run_doctor(config, args.domains, reactor, addresses=args.address, ca_file=args.ca_file)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:

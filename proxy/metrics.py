@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from proxy.certs import STATUSES
 from proxy.config import KNOWN_METHODS
+from proxy.tls import HANDSHAKE_FAILURE_REASONS
 
 UNKNOWN_DOMAIN = "_unknown"
 _METHODS = {m.encode("ascii"): m for m in KNOWN_METHODS}
@@ -88,6 +89,20 @@ class Metrics:
         self.config_last_reload_success.set(1)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        self.tls_handshake_failures = Counter(
+            "trackproxy_tls_handshake_failures_total",
+            "HTTPS handshakes that failed, by reason (unknown_sni: a name not configured).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in HANDSHAKE_FAILURE_REASONS:
+            self.tls_handshake_failures.labels(reason)
+        self.open_connections = Gauge(
+            "trackproxy_open_connections",
+            "Connections open now, by listener (http, https, admin).",
+            ["listener"],
+            registry=registry,
+        )
         self._request_children: dict[tuple, tuple] = {}
         self._upstream_children: dict[tuple, tuple] = {}
 
@@ -121,6 +136,13 @@ class Metrics:
 
     def cache_evicted(self, count: int) -> None:
         self.cache_evictions.inc(count)
+
+    def count_handshake_failure(self, reason: str) -> None:
+        self.tls_handshake_failures.labels(reason).inc()
+
+    def watch_connections(self, listener: str, count: Callable[[], int]) -> None:
+        """``trackproxy_open_connections{listener}`` reads ``count()`` at scrape time."""
+        self.open_connections.labels(listener).set_function(count)
 
     def count_renewal(self, domain: str, result: str) -> None:
         self.certificate_renewals.labels(domain, result).inc()

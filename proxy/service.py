@@ -35,7 +35,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -49,7 +48,8 @@ from proxy.issuer import CertbotIssuer
 from proxy.metrics import Metrics
 from proxy.preflight import Preflight, resolver_for
 from proxy.renewal import RenewalManager
-from proxy.tls import ServerTLS
+from proxy.systemd import Notifier
+from proxy.tls import CountingTLSFactory, ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
 
 log = Logger(namespace="trackproxy.service")
@@ -133,10 +133,16 @@ class ProxyService:
     """
 
     def __init__(
-        self, reactor: object, config: Config, now: Callable[[], datetime.datetime] = utc_now
+        self,
+        reactor: object,
+        config: Config,
+        now: Callable[[], datetime.datetime] = utc_now,
+        notifier: Notifier | None = None,
     ) -> None:
         self._reactor = reactor
         self._now = now
+        self.notifier = notifier or Notifier({})
+        self._watchdog: LoopingCall | None = None
         self.server_tls = ServerTLS()
         self.certificates = CertificateStore(now)
         self.ready = False
@@ -268,6 +274,19 @@ class ProxyService:
             (True, summary) after a swap, or (False, {"errors": [...]}) with nothing
             changed.
         """
+        self.notifier.reloading()
+        try:
+            return self._reload()
+        finally:
+            self.notifier.ready(self._summary())
+
+    def _summary(self) -> str:
+        """One line for ``systemctl status``."""
+        return f"serving {len(self.config.domains)} domains" + (
+            "" if self.last_reload_success else "; last reload refused (see the log)"
+        )
+
+    def _reload(self) -> tuple[bool, dict]:
         path = self.config.path
         try:
             config = load_config(path)
@@ -321,7 +340,9 @@ class ProxyService:
                 "workers: {workers} is not supported yet; serving with one process",
                 workers="auto" if config.workers is None else config.workers,
             )
-        https_factory = TLSMemoryBIOFactory(self.server_tls, False, self.https_site)
+        https_factory = CountingTLSFactory(
+            self.server_tls, self.https_site, self.metrics.count_handshake_failure
+        )
         roles = (
             ("http", config.listen.http, ConnectionLimit(self.http_site)),
             ("https", config.listen.https, ConnectionLimit(https_factory)),
@@ -329,6 +350,7 @@ class ProxyService:
         )
         listening = []
         for role, descriptions, factory in roles:
+            self.metrics.watch_connections(role, lambda factory=factory: factory.open_connections)
             for description in descriptions:
                 d = defer.maybeDeferred(serverFromString(self._reactor, description).listen, factory)
                 d.addCallback(self._listening, role, description)
@@ -353,7 +375,12 @@ class ProxyService:
         self._certificate_check = LoopingCall(self.check_certificates)
         self._certificate_check.clock = self._reactor
         self._certificate_check.start(CERTIFICATE_CHECK_INTERVAL, now=True)
+        if self.notifier.watchdog_interval:
+            self._watchdog = LoopingCall(self.notifier.watchdog)
+            self._watchdog.clock = self._reactor
+            self._watchdog.start(self.notifier.watchdog_interval, now=True)
         self.ready = True
+        self.notifier.ready(self._summary())
         log.info(
             "trackproxy serving {count} domains",
             count=len(self.config.domains),
@@ -363,8 +390,9 @@ class ProxyService:
     def stop(self) -> defer.Deferred:
         """Stop listening and close idle upstream connections."""
         self.ready = False
+        self.notifier.stopping()
         self.renewals.stop()
-        for loop in (self._rotation, self._certificate_check):
+        for loop in (self._rotation, self._certificate_check, self._watchdog):
             if loop is not None and loop.running:
                 loop.stop()
         closing = [defer.maybeDeferred(p.stopListening) for ps in self.ports.values() for p in ps]

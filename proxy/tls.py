@@ -32,6 +32,10 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+# Twisted's own test for "the peer just went away" (private; the same rule as its own).
+from twisted.protocols.tls import _representsEOF as represents_eof
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: The same session-id context on every context, so sessions stay resumable after the
@@ -111,6 +115,9 @@ class ServerTLS:
         name = normalise_server_name(connection.get_servername())
         context = self._contexts.get(name) if name else None
         if context is None:
+            protocol = connection.get_app_data()
+            if isinstance(protocol, CountingTLSProtocol):
+                protocol.refusal = "unknown_sni" if name else "no_sni"
             raise UnknownServerName(name)
         connection.set_context(context)
 
@@ -123,7 +130,71 @@ class ServerTLS:
         return frozenset(self._contexts)
 
     def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
-        return SSL.Connection(self._default, None)
+        connection = SSL.Connection(self._default, None)
+        # The server-name callback only sees the connection; this is how it finds the
+        # protocol to say why it refused.
+        connection.set_app_data(protocol)
+        return connection
+
+
+#: OpenSSL's words for why a handshake failed -> the ``reason`` label (a fixed set).
+_HANDSHAKE_REASONS = (
+    ("unsupported protocol", "protocol_version"),
+    ("no protocols available", "protocol_version"),
+    ("no shared cipher", "no_shared_cipher"),
+    ("http request", "not_tls"),
+    ("wrong version number", "not_tls"),
+    ("unknown ca", "client_rejected_certificate"),
+    ("bad certificate", "client_rejected_certificate"),
+    ("certificate unknown", "client_rejected_certificate"),
+)
+HANDSHAKE_FAILURE_REASONS = (
+    "unknown_sni", "no_sni", "protocol_version", "no_shared_cipher", "not_tls",
+    "client_rejected_certificate", "other",
+)
+
+
+def handshake_failure_reason(error: SSL.Error) -> str:
+    """The label for a failed handshake's OpenSSL error (one of
+    :data:`HANDSHAKE_FAILURE_REASONS`)."""
+    text = _ssl_reason(error).lower()
+    for words, reason in _HANDSHAKE_REASONS:
+        if words in text:
+            return reason
+    return "other"
+
+
+class CountingTLSProtocol(TLSMemoryBIOProtocol):
+    """Reports each handshake that fails with a TLS error, and why.
+
+    A client that connects and goes away before finishing (a port scanner) is not a
+    handshake failure: only an OpenSSL error during the handshake counts.
+    """
+
+    refusal: str | None = None
+
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        if (
+            reason is not None
+            and not self._handshakeDone
+            and isinstance(reason.value, SSL.Error)
+            and not represents_eof(reason.value)
+        ):
+            report = getattr(self.factory, "on_handshake_failure", None)
+            if report is not None:
+                report(self.refusal or handshake_failure_reason(reason.value))
+        super()._tlsShutdownFinished(reason)
+
+
+class CountingTLSFactory(TLSMemoryBIOFactory):
+    """The HTTPS listener's TLS layer: :class:`CountingTLSProtocol` connections."""
+
+    protocol = CountingTLSProtocol
+    noisy = False
+
+    def __init__(self, creator: ServerTLS, wrapped: object, on_handshake_failure: object) -> None:
+        super().__init__(creator, False, wrapped)
+        self.on_handshake_failure = on_handshake_failure
 
 
 class CertificateLoadError(Exception):

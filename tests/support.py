@@ -589,13 +589,15 @@ def start_proxy(
     files: Mapping[str, Path] | None = None,
     ready_within: float = 15.0,
     http_port: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ProxyProcess:
     """Write ``trackproxy.yaml`` into ``directory`` and run the proxy on it.
 
     ``listen`` (three fresh loopback ports) and ``state_dir`` are filled in unless
     ``config`` sets them. ``files`` are copied next to the YAML under the given names,
     so the config can name them by relative path. ``http_port`` chooses the plain-HTTP
-    port in advance (pebble's ``httpPort`` must name it before the proxy starts).
+    port in advance (pebble's ``httpPort`` must name it before the proxy starts); ``env``
+    adds to the process's environment.
 
     Returns:
         The process once ``GET /healthz`` on its admin listener answers 200.
@@ -624,7 +626,7 @@ def start_proxy(
     config_path = directory / "trackproxy.yaml"
     config_path.write_text(yaml.safe_dump(full, sort_keys=False))
     log_path = directory / "proxy.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "-c", str(config_path)],
