@@ -537,6 +537,8 @@ class ProxySite(server.Site):
         self.router = router
         self.scheme = scheme
         self.max_header_bytes = max_header_bytes
+        #: An :class:`~proxy.access.AccessLog`, or None for no access log.
+        self.access_log: object | None = None
 
     def buildProtocol(self, addr: object) -> ProxyChannel:
         channel = super().buildProtocol(addr)
@@ -546,9 +548,10 @@ class ProxySite(server.Site):
         return channel
 
     def log(self, request: ProxyRequest) -> None:  # type: ignore[override]
-        """Count each finished request. (Twisted's own access line would carry raw
-        paths, i.e. recipients' addresses: never written.)"""
+        """Count and log each finished request. (Twisted's own access line would carry
+        raw paths, i.e. recipients' addresses: never written; ``access`` redacts.)"""
         router = self.router
+        seconds = router.clock() - request.started
         if router.metrics is not None:
             router.metrics.count_request(
                 request.domain_label,
@@ -556,5 +559,18 @@ class ProxySite(server.Site):
                 request.method,
                 request.code,
                 request.cache_label,
-                router.clock() - request.started,
+                seconds,
+            )
+        if self.access_log is not None:
+            peer = request.getClientAddress()
+            self.access_log.record(  # type: ignore[attr-defined]
+                domain=request.domain_label,
+                scheme=self.scheme,
+                method=request.method,
+                target=request.uri,
+                status=request.code,
+                cache=request.cache_label,
+                size=request.sentLength,
+                seconds=seconds,
+                client=getattr(peer, "host", None),
             )

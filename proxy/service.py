@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Callable
 
 import attrs
@@ -38,6 +39,7 @@ from twisted.protocols.policies import WrappingFactory
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
+from proxy.access import AccessLog, load_or_create_key
 from proxy.acme import ChallengeStore, challenge_dir
 from proxy.admin import AdminSite
 from proxy.cache import ResponseCache
@@ -176,8 +178,15 @@ class ProxyService:
         limits = config.limits
         self.http_site = ProxySite(self.runtime.router, b"http", limits.client_timeout, limits.max_header_bytes)
         self.https_site = ProxySite(self.runtime.router, b"https", limits.client_timeout, limits.max_header_bytes)
+        self._access_key = load_or_create_key(config.state_dir)
+        self._set_access_log(config)
         self.admin_site = AdminSite(lambda: self.ready, self.metrics, self.status, self.reload)
         self.metrics.watch_certificates(self.certificate_views)
+
+    def _set_access_log(self, config: Config) -> None:
+        log_file = AccessLog(sys.stdout, config.log_paths == "full", self._access_key)
+        self.http_site.access_log = log_file
+        self.https_site.access_log = log_file
 
     @property
     def config(self) -> Config:
@@ -304,6 +313,7 @@ class ProxyService:
         self.runtime = runtime
         self.http_site.router = runtime.router
         self.https_site.router = runtime.router
+        self._set_access_log(config)
         self.cache.drop_domains_except(name.encode("ascii") for name in config.domains)
         self._preflight = self._preflight_for(config, old.config)
         self.check_certificates(reread=True)
