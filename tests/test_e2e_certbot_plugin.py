@@ -48,7 +48,7 @@ class Stack:
     proxy: ProxyProcess
     #: pebble's root for this run, the only trust anchor a client is given.
     root: Path
-    #: certbot's config/work/logs/home (see ``pebble.certbot_dirs``).
+    #: where certbot keeps its config, work, logs and home directories (``pebble.certbot_dirs``).
     workspace: Path
 
     def certbot(

@@ -9,6 +9,7 @@ loopback; the last tests run the ``certbot`` program itself.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -27,7 +28,10 @@ from acme import challenges, messages
 from certbot import achallenges, errors
 from certbot._internal import cli
 from certbot._internal.plugins import disco
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from proxy.acme import ChallengeStore
 
@@ -283,7 +287,7 @@ def test_names_challenge_types_and_no_enhancements(plugin) -> None:
 
 
 BROKEN = (
-    "state_dir: /tmp/unused\n"
+    "state_dir: unused-state\n"
     "domains:\n"
     f"  {TRACK}: {{certificat: acme, cache_ttl: -1}}\n"
 )
@@ -435,3 +439,64 @@ def test_certbot_lists_the_plugin_as_authenticator_and_installer(tmp_path: Path)
 def test_certbot_help_shows_the_config_option(tmp_path: Path) -> None:
     out = run_certbot(tmp_path, "--help", "trackproxy")
     assert "--trackproxy-config FILE" in out
+
+
+# ---------------------------------------------------------------------------
+# certonly: restart() installs what certbot left in live/
+
+
+def certificate_pem(days: int) -> bytes:
+    """A throw-away certificate for TRACK ending in ``days`` days (only its dates matter)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TRACK)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def put_live_lineage(tmp_path: Path, fullchain: bytes) -> None:
+    live = tmp_path / "le" / "config" / "live" / TRACK
+    live.mkdir(parents=True, exist_ok=True)
+    (live / "fullchain.pem").write_bytes(fullchain)
+    (live / "privkey.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nlive key\n")
+
+
+@pytest.mark.parametrize("live_days, deployed_days, installed", [
+    (90, None, True),   # nothing deployed yet: certonly's lineage goes in
+    (90, 30, True),     # newer than what the proxy has
+    (30, 90, False),    # an older lineage never replaces a newer certificate
+])
+def test_restart_installs_a_newer_live_lineage_only(
+    registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    live_days: int, deployed_days: int | None, installed: bool,
+) -> None:
+    monkeypatch.setenv("TRACKPROXY_CERTBOT_NO_RELOAD", "1")
+    live = certificate_pem(live_days)
+    put_live_lineage(tmp_path, live)
+    target = tmp_path / "state" / "certs" / TRACK / "fullchain.pem"
+    before = None
+    if deployed_days is not None:
+        before = certificate_pem(deployed_days)
+        target.parent.mkdir(parents=True)
+        target.write_bytes(before)
+    plugin = make_plugin(registry, tmp_path, write_config(tmp_path))
+    plugin.prepare()
+    plugin.restart()
+    assert target.read_bytes() == (live if installed else before)
+    if installed:
+        assert mode(target.parent / "privkey.pem") == 0o600
+
+
+def test_a_relative_config_path_is_kept_absolute_for_renewals(
+    registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    plugin = make_plugin(registry, tmp_path, Path("trackproxy.yaml"))
+    assert plugin.conf("config") == str(tmp_path / "trackproxy.yaml")
