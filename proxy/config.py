@@ -478,6 +478,24 @@ class _Reader:
             raise self._fail(node, f"{what}: no such file {path!r}")
         return path
 
+    def as_optional_ca_file(self, node: yaml.Node, what: str) -> str | None:
+        """A CA bundle: an existing, readable file holding at least one PEM certificate
+        (checked here, so a bad file is a config error and not a crash at start or
+        reload)."""
+        path = self.as_optional_existing_file(node, what)
+        if path is None:
+            return None
+        from cryptography import x509
+
+        try:
+            with open(path, "rb") as f:
+                x509.load_pem_x509_certificates(f.read())
+        except OSError as e:
+            raise self._fail(node, f"{what}: cannot read {path!r}: {e.strerror or e}")
+        except ValueError:
+            raise self._fail(node, f"{what}: {path!r} holds no PEM certificate")
+        return path
+
     def as_duration(self, node: yaml.Node, what: str) -> float:
         try:
             return parse_duration(self._plain(node, what))
@@ -604,7 +622,7 @@ def _read_acme(r: _Reader, node: yaml.Node | None) -> AcmeSettings:
         server=r.value(e, "server", "acme", server, d.server),
         key_type=r.value(e, "key_type", "acme", r.as_choice(("ecdsa", "rsa")), d.key_type),
         renew_before=r.value(e, "renew_before", "acme", r.as_positive_duration, d.renew_before),
-        ca_bundle=r.value(e, "ca_bundle", "acme", r.as_optional_existing_file, d.ca_bundle),
+        ca_bundle=r.value(e, "ca_bundle", "acme", r.as_optional_ca_file, d.ca_bundle),
     )
 
 
@@ -687,7 +705,7 @@ def _read_upstreams(r: _Reader, node: yaml.Node | None) -> dict[str, Upstream]:
             host=host,
             port=port,
             connect_to=r.value(e, "connect_to", what, connect_to, None),
-            ca_file=r.value(e, "ca_file", what, r.as_optional_existing_file, None),
+            ca_file=r.value(e, "ca_file", what, r.as_optional_ca_file, None),
             probe_path=preset.probe_path if preset else "/f/a/b/c/d",
             max_request_header_bytes=preset.max_request_header_bytes if preset else None,
         )

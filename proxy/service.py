@@ -307,9 +307,12 @@ class ProxyService:
         old = self.runtime
         if config.listen != old.config.listen:
             log.warn("listener changes in {config} take effect at the next restart", config=path)
+        try:
+            runtime = build_runtime(self._reactor, config, self.cache, self.metrics)
+        except (OSError, ValueError) as e:  # a file changed between parsing and use
+            return self._reload_refused([f"{path}: {e}"])
         if config.state_dir != old.config.state_dir:
             self.renewals.records = AcmeRecords(config.state_dir)
-        runtime = build_runtime(self._reactor, config, self.cache, self.metrics)
         self.runtime = runtime
         self.http_site.router = runtime.router
         self.https_site.router = runtime.router

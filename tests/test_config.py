@@ -13,7 +13,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-import yaml
 
 from proxy.config import (
     DEFAULT_CONFIG_PATH,
@@ -32,6 +31,26 @@ from proxy.config import (
     parse_size,
     preset_for,
 )
+
+
+def _ca_pem() -> bytes:
+    """A real (throw-away) certificate: ca_file and ca_bundle must hold one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "config test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+CA_PEM = _ca_pem()
 
 PATH = "/etc/trackproxy/trackproxy.yaml"
 #: Appended to snippets that test some other section, so the file is otherwise valid.
@@ -580,7 +599,7 @@ def test_a_domain_own_methods_override_the_iterable_preset():
 
 
 def test_overriding_a_preset_with_only_connect_to_and_ca_file_keeps_the_preset_url(tmp_path):
-    (tmp_path / "pebble-ca.pem").write_text("not checked here\n")
+    (tmp_path / "pebble-ca.pem").write_bytes(CA_PEM)
     path = write(
         tmp_path / "trackproxy.yaml",
         """\
@@ -661,8 +680,8 @@ def test_https_upstreams_give_no_warnings():
 def test_relative_paths_resolve_against_the_yaml_files_directory(tmp_path, monkeypatch):
     conf_dir = tmp_path / "etc"
     (conf_dir / "ca").mkdir(parents=True)
-    (conf_dir / "ca" / "upstream.pem").write_text("x\n")
-    (conf_dir / "ca" / "pebble.pem").write_text("x\n")
+    (conf_dir / "ca" / "upstream.pem").write_bytes(CA_PEM)
+    (conf_dir / "ca" / "pebble.pem").write_bytes(CA_PEM)
     path = write(
         conf_dir / "trackproxy.yaml",
         """\
@@ -1262,7 +1281,7 @@ def test_a_cache_ttl_below_one_second_is_refused_but_zero_is_accepted():
 
 
 def test_a_ca_file_on_a_plain_http_upstream_is_refused(tmp_path):
-    (tmp_path / "ca.pem").write_text("x\n")
+    (tmp_path / "ca.pem").write_bytes(CA_PEM)
     path = write(
         tmp_path / "t.yaml",
         """\
@@ -1282,8 +1301,17 @@ def test_a_ca_file_on_a_plain_http_upstream_is_refused(tmp_path):
     assert "upstreams.mailgun.ca_file: has no meaning for an http:// upstream" in error.message
 
 
+@pytest.mark.parametrize("content, problem", [(b"x\n", "holds no PEM certificate"), (b"", "holds no PEM certificate")])
+def test_a_ca_file_without_a_certificate_is_refused_where_it_is_named(tmp_path, content, problem):
+    (tmp_path / "ca.pem").write_bytes(content)
+    with pytest.raises(ConfigErrors) as e:
+        parse(f"upstreams: {{sendgrid: {{ca_file: {tmp_path / 'ca.pem'}}}}}\n" + ONE_DOMAIN)
+    (error,) = e.value.errors
+    assert (error.line, error.column) == (1, 33) and problem in error.message
+
+
 def test_an_existing_ca_file_is_accepted(tmp_path):
-    (tmp_path / "ca.pem").write_text("x\n")
+    (tmp_path / "ca.pem").write_bytes(CA_PEM)
     config = parse(f"upstreams: {{sendgrid: {{ca_file: {tmp_path / 'ca.pem'}}}}}\n" + ONE_DOMAIN)
 
     assert config.upstreams["sendgrid"].ca_file == str(tmp_path / "ca.pem")

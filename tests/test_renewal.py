@@ -634,3 +634,16 @@ def test_certificate_metrics_follow_the_views():
     del views[B]
     assert B.encode() not in generate_latest(metrics.registry)
     assert sample("trackproxy_certificate_status", {"domain": A, "status": "valid"}) == 1.0
+
+
+def test_a_reload_whose_upstream_ca_file_is_garbage_is_refused_and_changes_nothing(served, tmp_path):
+    service, _, path, cert, key = served
+    router = service.runtime.router
+    bad_ca = tmp_path / "garbage-ca.pem"
+    bad_ca.write_text("not a certificate\n")
+    path.write_text(YAML.format(state=tmp_path / "state", cert=cert, key=key, extra="")
+                    + f"upstreams:\n  sparkpost: {{ca_file: {bad_ca}}}\n")
+    ok, summary = service.reload()
+    assert not ok and summary["result"] == "failure"
+    assert str(bad_ca) in summary["errors"][0]
+    assert service.runtime.router is router and service.last_reload_success is False
