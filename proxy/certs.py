@@ -26,12 +26,9 @@ import tempfile
 from collections.abc import Callable, Mapping
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
+from proxy import pki
 from proxy.config import Config, Domain
 from proxy.tls import CertificateLoadError, context_for_files, load_pem_chain
 
@@ -173,33 +170,13 @@ def ensure_self_signed(config: Config, domain: Domain, now: datetime.datetime) -
     cert_path, key_path = certificate_files(config, domain)  # type: ignore[misc]
     if _self_signed_is_usable(cert_path, key_path, domain.name, now):
         return
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain.name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + SELF_SIGNED_LIFETIME)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain.name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
+    cert, key = pki.self_signed(
+        domain.name, now - datetime.timedelta(hours=1), now + SELF_SIGNED_LIFETIME
     )
     directory = os.path.dirname(cert_path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    write_atomically(
-        key_path,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        mode=0o600,
-    )
-    write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_atomically(key_path, pki.key_pem(key), mode=0o600)
+    write_atomically(cert_path, pki.cert_pem(cert), mode=0o644)
 
 
 def _self_signed_is_usable(cert_path: str, key_path: str, name: str, now: datetime.datetime) -> bool:
@@ -207,14 +184,10 @@ def _self_signed_is_usable(cert_path: str, key_path: str, name: str, now: dateti
         return False
     try:
         cert = load_pem_chain(cert_path)[0]
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         context_for_files(cert_path, key_path)
-    except (OSError, ValueError, x509.ExtensionNotFound, CertificateLoadError):
+    except (OSError, ValueError, CertificateLoadError):
         return False
-    return (
-        name in names.get_values_for_type(x509.DNSName)
-        and cert.not_valid_after_utc - now > SELF_SIGNED_REFRESH
-    )
+    return name in pki.dns_names(cert) and cert.not_valid_after_utc - now > SELF_SIGNED_REFRESH
 
 
 def write_atomically(path: str, data: bytes, mode: int) -> None:

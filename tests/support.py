@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import http.client
-import ipaddress
 import os
 import socket
 import ssl
@@ -36,9 +35,9 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+
+from proxy import pki
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -57,32 +56,13 @@ class LocalCA:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trackproxy e2e test CA")])
         now = datetime.datetime.now(datetime.timezone.utc)
-        public = self._key.public_key()
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(self._key, hashes.SHA256())
+        self._authority = pki.Authority.create(
+            "trackproxy e2e test CA", now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30)
         )
+        self.certificate = self._authority.cert
         self.cert_path = directory / "ca.pem"
-        self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+        self.cert_path.write_bytes(pki.cert_pem(self.certificate))
 
     def issue(self, host: str, ip: str | None = None) -> tuple[Path, Path]:
         """A server certificate for ``host`` (and the address ``ip``, if given) signed by
@@ -92,50 +72,14 @@ class LocalCA:
             The certificate file (the leaf alone: the root is the trust anchor, so the
             chain has nothing else to carry) and its private key file (mode 0600).
         """
-        key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=10))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName(host)] + ([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value),
-                critical=False,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256())
+        cert, key = self._authority.issue(
+            host, now - datetime.timedelta(hours=1), now + datetime.timedelta(days=10), ips=[ip] if ip else ()
         )
         cert_path = self.directory / f"{host}.pem"
         key_path = self.directory / f"{host}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        cert_path.write_bytes(pki.cert_pem(cert))
+        key_path.write_bytes(pki.key_pem(key))
         key_path.chmod(0o600)
         return cert_path, key_path
 
@@ -149,12 +93,7 @@ def first_certificate_der(pem_path: Path) -> bytes:
 
 def dns_names(der: bytes) -> list[str]:
     """The subjectAltName DNS names of a DER certificate."""
-    cert = x509.load_der_x509_certificate(der)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return san.value.get_values_for_type(x509.DNSName)
+    return pki.dns_names(x509.load_der_x509_certificate(der))
 
 
 # ---------------------------------------------------------------------------
@@ -725,6 +664,7 @@ class Response:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     peer_certificate: bytes | None = None
+    reason: str = ""
 
     def values(self, name: str) -> list[str]:
         """Every value of header ``name`` (case-insensitive)."""
@@ -783,7 +723,7 @@ def request(
         conn.endheaders(body)
         answer = conn.getresponse()
         content = answer.read()
-        return Response(answer.status, tuple(answer.getheaders()), content, peer)
+        return Response(answer.status, tuple(answer.getheaders()), content, peer, answer.reason)
     finally:
         conn.close()
 

@@ -29,10 +29,8 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from proxy import pki
 from support import (
     LOOPBACK,
     REPO_ROOT,
@@ -236,29 +234,12 @@ def short_lived_certificate(directory: Path, host: str, days: float) -> tuple[Pa
     Returns:
         The certificate file, its key file, and its not-after.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     not_after = now + datetime.timedelta(days=days)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = pki.self_signed(host, now - datetime.timedelta(hours=1), not_after)
     cert_path, key_path = directory / f"{host}.pem", directory / f"{host}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    cert_path.write_bytes(pki.cert_pem(cert))
+    key_path.write_bytes(pki.key_pem(key))
     key_path.chmod(0o600)
     return cert_path, key_path, not_after
 
