@@ -10,11 +10,13 @@ private interface.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Callable
 
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from proxy import http11
 from proxy.metrics import Metrics
 
 
@@ -53,7 +55,7 @@ class MetricsResource(Resource):
 
 
 def _json(request: server.Request, code: int, document: object) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, http11.reason(code))
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     return json.dumps(document, indent=2).encode("utf-8") + b"\n"
@@ -87,10 +89,36 @@ class ReloadResource(Resource):
         return _json(request, 200 if ok else 422, outcome)
 
 
+#: Every admin answer names the config file the proxy serves, so that the CLI can tell
+#: its own proxy from another one (or from another program) on the same port.
+CONFIG_HEADER = b"Trackproxy-Config"
+
+
+def encode_config_path(path: str) -> bytes:
+    """A file name as a header value (percent-encoded: a path may be any bytes)."""
+    return urllib.parse.quote(path, safe="/").encode("ascii")
+
+
+def decode_config_path(value: str) -> str:
+    return urllib.parse.unquote(value)
+
+
+class _AdminRequest(server.Request):
+    def process(self) -> None:
+        self.setHeader(CONFIG_HEADER, encode_config_path(self.channel.site.config_path()))
+        super().process()
+
+
 class AdminSite(server.Site):
-    """The admin listener's factory; its own access log stays quiet too."""
+    """The admin listener's factory; its own access log stays quiet too.
+
+    Args:
+        config_path: the absolute path of the config file being served (it names
+            every answer, see :data:`CONFIG_HEADER`).
+    """
 
     noisy = False
+    requestFactory = _AdminRequest
 
     def __init__(
         self,
@@ -98,6 +126,7 @@ class AdminSite(server.Site):
         metrics: Metrics,
         status: Callable[[], dict],
         reload: Callable[[], tuple[bool, dict]],
+        config_path: Callable[[], str],
     ) -> None:
         root = Resource()
         root.putChild(b"healthz", HealthResource(is_ready))
@@ -105,6 +134,7 @@ class AdminSite(server.Site):
         root.putChild(b"status", StatusResource(status))
         root.putChild(b"reload", ReloadResource(reload))
         super().__init__(root)
+        self.config_path = config_path
 
     def log(self, request: object) -> None:
         pass

@@ -1,5 +1,5 @@
-"""The ``trackproxy`` command line: ``run``, ``check-config``, ``reload``, ``status``
-and ``certs``.
+"""The ``trackproxy`` command line: ``run``, ``check-config``, ``reload``, ``status``,
+``doctor``, ``certs`` and ``stand-in``.
 
 This module owns argument parsing, exit statuses and what is printed for a person.
 It is, with ``service``, the only place that touches the global reactor: ``run``
@@ -77,9 +77,33 @@ def _parser() -> argparse.ArgumentParser:
         help="this host's public address (repeatable; e.g. behind NAT); default: its own addresses",
     )
     doctor.add_argument(
-        "--ca-file", metavar="PEM", help="trust this CA for the https check instead of the system roots"
+        "--ca-file", metavar="PEM", action="append", default=[],
+        help="trust this CA for the https check instead of the system roots (repeatable)",
+    )
+    doctor.add_argument(
+        "--trust-self-signed", action="store_true",
+        help="also trust the certificates of the config's self-signed domains (your own machine)",
     )
     doctor.set_defaults(handler=cmd_doctor)
+
+    stand_in = commands.add_parser(
+        "stand-in",
+        help="a stand-in tracking platform on loopback (HTTPS, SNI required, 302 for /f/...)",
+        description="A local stand-in for a platform's tracking endpoint, for the local config, "
+        "demos and benchmarks. Point an upstream at it with connect_to: 127.0.0.1:PORT and "
+        "ca_file: the CA it prints.",
+    )
+    stand_in.add_argument("--name", default="spgo.io", help="the endpoint it stands in for (default: spgo.io)")
+    stand_in.add_argument("--port", type=int, default=9443, help="loopback port (default: 9443; 0: any free one)")
+    stand_in.add_argument(
+        "--delay", default="0", metavar="DURATION", help="hold every answer this long (e.g. 50ms, 2s)"
+    )
+    stand_in.add_argument(
+        "--dir", metavar="DIR",
+        help="where its CA and certificate are made on first use (default: $XDG_STATE_HOME/trackproxy/stand-in)",
+    )
+    stand_in.add_argument("--quiet", action="store_true", help="print no line per request")
+    stand_in.set_defaults(handler=cmd_stand_in)
 
     certs = commands.add_parser("certs", help="run certbot with the trackproxy plugin")
     certs.add_argument("-c", "--config", help=config_help)
@@ -159,26 +183,99 @@ def cmd_run(args: argparse.Namespace) -> int:
     return outcome["code"]
 
 
-def _admin_request(config: Config, method: str, path: str) -> tuple[int, bytes]:
-    """One request to the running proxy's admin listener.
+class AdminUnreachable(Exception):
+    """Nothing usable answers on the config's admin listener; the message says why."""
 
-    Raises:
-        SystemExit: nothing answers there, or the config names no TCP admin listener.
+
+class AdminListener:
+    """The running proxy's admin listener, as the CLI reaches it.
+
+    The CLI talks only to the proxy of the file it was given: every admin answer names
+    the config file it serves (``Trackproxy-Config``), and :meth:`request` refuses an
+    answer from another program, or from a trackproxy serving another file.
     """
-    base = admin_url(config)
-    if base is None:
-        print(f"trackproxy: {config.path} has no tcp admin listener to talk to", file=sys.stderr)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.base = admin_url(config)
+
+    def _open(self, method: str, path: str) -> tuple[int, bytes, object]:
+        if self.base is None:
+            raise AdminUnreachable(f"{self.config.path} has no tcp admin listener to talk to")
+        request = urllib.request.Request(
+            self.base + path, method=method, data=b"" if method == "POST" else None
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, answer.read(), answer.headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), e.headers
+        except (OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", e)
+            raise AdminUnreachable(
+                f"the proxy does not answer on {self.base} ({reason}); is it running "
+                f"(trackproxy run -c {self.config.path})?"
+            ) from None
+
+    def identity_problem(self) -> str | None:
+        """None when the proxy answering serves this config file, else why not.
+
+        Raises:
+            AdminUnreachable: nothing answers.
+        """
+        from proxy.admin import CONFIG_HEADER, decode_config_path
+
+        _, _, headers = self._open("GET", "/healthz")
+        value = headers.get(CONFIG_HEADER.decode("ascii"))  # type: ignore[attr-defined]
+        mine = self.config.path
+        where = f"{self.base} (listen.admin of {mine})"
+        if value is None:
+            return (
+                f"what answers on {where} is not a trackproxy admin listener: another program "
+                f"uses that port; give listen.admin another port"
+            )
+        served = decode_config_path(value)
+        if not same_file(served, mine):
+            return (
+                f"the trackproxy answering on {where} serves {served}, not {mine}: use "
+                f"-c {served} for that proxy, or give {mine} its own listen.admin port"
+            )
+        return None
+
+    def request(self, method: str, path: str) -> tuple[int, bytes]:
+        """One request to this config's proxy, once it is known to be this config's.
+
+        Raises:
+            SystemExit: (after saying why on stderr) nothing answers, or what answers is
+                not this config's proxy.
+        """
+        try:
+            problem = self.identity_problem()
+            if problem is None:
+                code, body, _ = self._open(method, path)
+                return code, body
+        except AdminUnreachable as e:
+            problem = str(e)
+        print(f"trackproxy: {problem}", file=sys.stderr)
         raise SystemExit(1)
-    request = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)
+
+    def describe(self) -> str:
+        """One line for doctor: which proxy answers on the admin listener."""
+        try:
+            problem = self.identity_problem()
+        except AdminUnreachable as e:
+            return f"note: {e}"
+        if problem is not None:
+            return f"note: {problem}; the checks below examine what listens on this file's ports"
+        return f"the trackproxy on {self.base} serves {self.config.path}"
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two names of config files name the same file."""
     try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", e)
-        print(f"trackproxy: the proxy does not answer on {base} ({reason}); is it running?", file=sys.stderr)
-        raise SystemExit(1)
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -187,7 +284,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print("trackproxy: not reloading: the file has errors (the proxy keeps its current config)",
               file=sys.stderr)
         return 1
-    code, body = _admin_request(config, "POST", "/reload")
+    code, body = AdminListener(config).request("POST", "/reload")
     try:
         outcome = json.loads(body)
     except ValueError:
@@ -208,7 +305,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load_or_report(config_path(args.config))
     if config is None:
         return 1
-    code, body = _admin_request(config, "GET", "/status")
+    code, body = AdminListener(config).request("GET", "/status")
     if code != 200:
         print(f"trackproxy: /status answered {code}", file=sys.stderr)
         return 1
@@ -220,24 +317,42 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_status(status: dict) -> str:
-    """The ``/status`` document as a table for a person."""
+    """The ``/status`` document as a table for a person, then one line per problem."""
     config = status["config"]
     lines = [
         f"config {config['path']} loaded {config['loaded_at']}"
         + ("" if config["last_reload_success"] else "  (last reload REFUSED: see the log)"),
         "",
     ]
-    rows = [("DOMAIN", "UPSTREAM", "CERTIFICATE", "SOURCE", "NOT AFTER", "CACHED", "LAST ERROR")]
+    rows = [("DOMAIN", "UPSTREAM", "CERTIFICATE", "SOURCE", "NOT AFTER", "CACHED", "UPSTREAM HEALTH",
+             "LAST ERROR")]
+    problems = []
     for name, domain in sorted(status["domains"].items()):
         cert = domain["certificate"]
+        health = domain.get("upstream_health") or {}
         rows.append((
             name, domain["upstream"], cert["status"], cert["source"], cert["not_after"] or "-",
-            str(domain["cache_entries"]), cert["last_error"] or "",
+            str(domain["cache_entries"]), upstream_health_summary(health), cert["last_error"] or "",
         ))
+        if health.get("last_error"):
+            problems.append(
+                f"{name}: upstream {domain['upstream']} last failed at {health['last_error_at']}: "
+                f"{health['last_error']}"
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    if problems:
+        lines += ["", *problems]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def upstream_health_summary(health: dict) -> str:
+    """``ok``, or the failed share of the last five minutes' upstream requests."""
+    ratio = health.get("failed_ratio_5m") or 0.0
+    if ratio > 0:
+        return f"{ratio * 100:.3g}% failed (5m)"
+    return "ok"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -248,7 +363,28 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     from proxy.doctor import run_doctor
 
-    return run_doctor(config, args.domains, reactor, addresses=args.address, ca_file=args.ca_file)
+    return run_doctor(
+        config, args.domains, reactor, addresses=args.address, ca_files=args.ca_file,
+        trust_self_signed=args.trust_self_signed, preamble=AdminListener(config).describe(),
+    )
+
+
+def cmd_stand_in(args: argparse.Namespace) -> int:
+    from proxy.config import normalise_domain, parse_duration
+    from proxy.standin import default_directory, run
+
+    try:
+        delay = parse_duration(args.delay)
+        name = normalise_domain(args.name)
+    except ValueError as e:
+        print(f"trackproxy: stand-in: {e}", file=sys.stderr)
+        return 2
+    if not 0 <= args.port < 65536:
+        print(f"trackproxy: stand-in: --port {args.port} is not a port number", file=sys.stderr)
+        return 2
+    from twisted.internet import reactor
+
+    return run(reactor, name, args.port, delay, args.dir or default_directory(), args.quiet)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import ipaddress
+import os
 import re
 import socket
 import ssl
@@ -51,6 +52,9 @@ _MAX_CNAME_HOPS = 8
 #: Addresses that route like the Internet does (RFC 5737/3849 documentation ranges):
 #: a UDP socket "connected" to one tells this host's outbound address; nothing is sent.
 _ROUTE_PROBES = ("192.0.2.1", "2001:db8::1")
+#: Top-level names reserved for tests and local networks (RFC 6761, 6762, 8375, ICANN's
+#: .internal): no public DNS has them, so asking the system's resolvers only waits.
+RESERVED_SUFFIXES = ("test", "example", "invalid", "localhost", "local", "home.arpa", "internal")
 #: CAA issuer names to suggest, for CAs known under several (ZeroSSL is Sectigo's).
 _PREFERRED_ISSUERS = ("letsencrypt.org", "sectigo.com", "pki.goog", "buypass.com", "ssl.com")
 
@@ -168,6 +172,33 @@ def judge_dns(
     return Check(name, "dns", PASS, f"{shown} (this host)")
 
 
+def reserved_suffix(name: str) -> str | None:
+    """The reserved top-level name ``name`` is under (``test`` for ``a.example.test``), if any."""
+    for suffix in RESERVED_SUFFIXES:
+        if name == suffix or name.endswith("." + suffix):
+            return suffix
+    return None
+
+
+def judge_reserved_dns(name: str, suffix: str) -> Check:
+    """The ``dns`` check for a name no public DNS can have: a WARN that says why (the
+    listener checks still examine this host, so a laptop run is useful)."""
+    return Check(
+        name, "dns", WARN,
+        f"{name}: .{suffix} is reserved for tests and local use, so no public DNS has it; "
+        f"clients reach it here only through curl --resolve or /etc/hosts "
+        f"(the checks below examine this host's listener)",
+    )
+
+
+def judge_caa_not_needed(domain: Domain) -> Check:
+    """The ``caa`` check for a domain whose certificate no CA issues (self-signed, none)."""
+    return Check(
+        domain.name, "caa", PASS,
+        f"certificate: {domain.certificate.source}: no CA is asked, so CAA does not apply",
+    )
+
+
 def caa_issuer_for(identities: frozenset[str]) -> str:
     """The CAA issuer domain name to suggest for a CA known under ``identities``."""
     return next((i for i in _PREFERRED_ISSUERS if i in identities), min(identities))
@@ -210,7 +241,8 @@ def classify_tls_error(
         why = error.verify_message or str(error)
         if domain.certificate.kind == "self-signed":
             hint = (f"certificate: self-signed is for local use: "
-                    f"give {name} certificate: acme (or your own files)")
+                    f"give {name} certificate: acme (or your own files); "
+                    f"on your own machine, doctor --trust-self-signed trusts it")
         elif domain.certificate.kind == "acme":
             hint = f"{status}; `trackproxy certs -c {config_path} issue {name}` asks for a new one"
         else:
@@ -488,8 +520,12 @@ def _where(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def _tls_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=ca_file)
+def _tls_context(ca_files: Sequence[str], extra: Sequence[str], verify: bool) -> ssl.SSLContext:
+    """``ca_files`` replace the system roots (none given: the system's); ``extra`` are
+    trusted as well."""
+    context = ssl.create_default_context(cafile=ca_files[0] if ca_files else None)
+    for path in (*ca_files[1:], *extra):
+        context.load_verify_locations(path)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -530,14 +566,23 @@ class Doctor:
         config: the loaded configuration.
         here: this host's addresses (``--address``, else :func:`local_addresses`).
         explicit: ``here`` came from the operator: loopback is then not "here" by itself.
-        ca_file: trust this CA instead of the system roots for the ``https`` check.
+        ca_files: trust these CAs instead of the system roots for the ``https`` check.
+        also_trusted: certificates trusted as well (``--trust-self-signed``).
     """
 
-    def __init__(self, config: Config, here: Sequence[str], explicit: bool, ca_file: str | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        here: Sequence[str],
+        explicit: bool,
+        ca_files: Sequence[str] = (),
+        also_trusted: Sequence[str] = (),
+    ) -> None:
         self.config = config
         self.here = tuple(here)
         self.explicit = explicit
-        self.ca_file = ca_file
+        self.ca_files = tuple(ca_files)
+        self.also_trusted = tuple(also_trusted)
         self.https = listener_address(config.listen.https, 443)
         self.http = listener_address(config.listen.http, 80)
 
@@ -545,9 +590,12 @@ class Doctor:
         name, path = domain.name, domain.upstream.probe_path or DEFAULT_PROBE_PATH
         here = addresses_here(resolution.addresses, self.here, loopback_is_here=not self.explicit)
         shown_here = self.here if self.explicit else public_looking(self.here) or self.here
+        suffix = reserved_suffix(name) if not self.config.resolvers else None
         checks = [
-            judge_dns(resolution, here, shown_here, guessed=not self.explicit),
-            judge_caa(name, caa, self.config.acme.server),
+            judge_reserved_dns(name, suffix) if suffix
+            else judge_dns(resolution, here, shown_here, guessed=not self.explicit),
+            judge_caa_not_needed(domain) if domain.certificate.kind in ("self-signed", "none")
+            else judge_caa(name, caa, self.config.acme.server),
         ]
         # Where DNS does not point here yet, this host's own listener is examined, so that
         # the proxy can be made ready before the record is changed.
@@ -565,7 +613,7 @@ class Doctor:
         where = _where(*target) + note
         unverified = ""
         try:
-            sock = _connect_tls(*target, name, _tls_context(self.ca_file, verify=True))
+            sock = _connect_tls(*target, name, _tls_context(self.ca_files, self.also_trusted, verify=True))
             now = datetime.datetime.now(datetime.timezone.utc)
             checks = [judge_certificate(name, where, sock.getpeercert() or {}, now)]
         except (OSError, ssl.SSLError) as e:
@@ -575,7 +623,7 @@ class Doctor:
                 return checks + [skipped(name, "probe", "needs a TLS connection (see https)")]
             # The relay can still be examined: the certificate has had its verdict.
             try:
-                sock = _connect_tls(*target, name, _tls_context(None, verify=False))
+                sock = _connect_tls(*target, name, _tls_context((), (), verify=False))
             except (OSError, ssl.SSLError) as again:
                 detail, hint = classify_tls_error(again, where, domain, self.config.path)
                 return checks + [Check(name, "probe", FAIL, detail, hint)]
@@ -609,18 +657,34 @@ class Doctor:
         return attrs.evolve(verdict, detail=f"GET {path}: {verdict.detail}{note}")
 
 
+def self_signed_certificates(config: Config) -> tuple[str, ...]:
+    """The certificate files of this config's ``self-signed`` domains that exist."""
+    from proxy.certs import certificate_files
+
+    found = []
+    for domain in config.domains.values():
+        if domain.certificate.kind == "self-signed":
+            files = certificate_files(config, domain)
+            if files is not None and os.path.isfile(files[0]):
+                found.append(files[0])
+    return tuple(found)
+
+
 def run_doctor(
     config: Config,
     names: Sequence[str],
     reactor: Any,
     addresses: Sequence[str] = (),
-    ca_file: str | None = None,
+    ca_files: Sequence[str] = (),
+    trust_self_signed: bool = False,
     out: IO[str] = sys.stdout,
+    preamble: str | None = None,
 ) -> int:
     """``trackproxy doctor``: examine ``names`` (default: every domain); the exit status.
 
     0 when nothing failed, 1 when a check failed, 2 for a usage error (a name that is not
-    configured, an ``--address`` that is not an IP address).
+    configured, an ``--address`` that is not an IP address). ``preamble`` is printed
+    first (what the CLI found on the admin listener).
     """
     chosen = []
     for raw in names or sorted(config.domains):
@@ -640,14 +704,22 @@ def run_doctor(
         print(f"{config.path}: no domains")
         return 0
 
+    if preamble:
+        print(preamble, file=out, flush=True)
+    # Reserved names (a laptop's .test domains) are not asked of the system's resolvers:
+    # no public DNS has them, and offline every query would wait for its timeout.
+    asked = [n for n in chosen if config.resolvers or reserved_suffix(n) is None]
     resolver = resolver_for(config.resolvers, reactor)
     try:
-        facts = run_until_done(reactor, lambda: _ask_dns(resolver, chosen))
+        facts = run_until_done(reactor, lambda: _ask_dns(resolver, asked)) if asked else {}
     except KeyboardInterrupt:
         return 130
+    for name in chosen:
+        facts.setdefault(name, (Resolution(name, problem="reserved name"), CAAFound()))
     resolved = [a for resolution, _ in facts.values() for a in resolution.addresses]
     here = tuple(addresses) or local_addresses(resolved)
-    doctor = Doctor(config, here, bool(addresses), ca_file)
+    trusted = self_signed_certificates(config) if trust_self_signed else ()
+    doctor = Doctor(config, here, bool(addresses), ca_files, trusted)
     width = max(len(n) for n in chosen)
     every: list[Check] = []
     for name in chosen:

@@ -32,6 +32,8 @@ from twisted.web.resource import Resource
 from proxy.acme import CHALLENGE_PREFIX, ChallengeStore
 from proxy.cache import ResponseCache, cache_key, storable_ttl
 from proxy.config import Domain
+from proxy.health import HealthBook, UpstreamHealth
+from proxy import http11
 from proxy.metrics import UNKNOWN_DOMAIN, Metrics
 from proxy.tls import normalise_server_name
 from proxy.upstream import UpstreamClient, UpstreamError, UpstreamResponse
@@ -166,6 +168,7 @@ class Route:
     host: bytes
     allow: bytes  # the Allow header for 405 answers
     cached: bool  # cache_ttl > 0
+    health: UpstreamHealth | None = None
 
 
 class Router:
@@ -180,6 +183,7 @@ class Router:
         cache: ResponseCache | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        health: HealthBook | None = None,
     ) -> None:
         self.routes: dict[str, Route] = {
             name: Route(
@@ -188,6 +192,7 @@ class Router:
                 host=name.encode("ascii"),
                 allow=b", ".join(m.encode("ascii") for m in domain.methods),
                 cached=cache is not None and domain.cache_ttl > 0,
+                health=health.for_domain(name) if health is not None else None,
             )
             for name, domain in domains.items()
         }
@@ -318,17 +323,22 @@ class Router:
         )
         body = request.content.getvalue() or None
         d = route.client.fetch(request.method, target, headers, body)
-        if self.metrics is not None:
-            d.addBoth(self._count_upstream, route.domain.upstream.name, self.clock())
+        if self.metrics is not None or route.health is not None:
+            d.addBoth(self._count_upstream, route, self.clock())
         return d
 
-    def _count_upstream(self, outcome: object, upstream: str, started: float) -> object:
+    def _count_upstream(self, outcome: object, route: Route, started: float) -> object:
         if isinstance(outcome, UpstreamResponse):
             name = "ok"
+            if route.health is not None:
+                route.health.succeeded()
         else:
             exc = getattr(outcome, "value", None)
             name = exc.outcome if isinstance(exc, UpstreamError) else "connect_error"
-        self.metrics.count_upstream(upstream, name, self.clock() - started)  # type: ignore[union-attr]
+            if route.health is not None:
+                route.health.failed(str(exc) if isinstance(exc, UpstreamError) else f"{name}: {exc}")
+        if self.metrics is not None:
+            self.metrics.count_upstream(route.domain.upstream.name, name, self.clock() - started)
         return outcome
 
 
@@ -364,7 +374,7 @@ def respond(
     if request.finished or request._disconnected:
         return
     body = text + b"\n" if newline else text
-    request.setResponseCode(code)
+    request.setResponseCode(code, http11.reason(code))
     rh = request.responseHeaders
     rh.setRawHeaders(b"Server", [SERVER_NAME])
     rh.setRawHeaders(b"Date", [http.datetimeToString()])

@@ -46,6 +46,7 @@ from proxy.cache import ResponseCache
 from proxy.certs import AcmeRecords, CertificateStore, CertificateView, describe
 from proxy.config import Config, ConfigErrors, load_config
 from proxy.forward import ProxySite, Router
+from proxy.health import HealthBook
 from proxy.issuer import CertbotIssuer
 from proxy.metrics import Metrics
 from proxy.preflight import Preflight, resolver_for
@@ -98,7 +99,9 @@ def prepare_state_dir(state_dir: str) -> None:
     os.makedirs(os.path.join(state_dir, "certs"), mode=0o700, exist_ok=True)
 
 
-def build_runtime(reactor: object, config: Config, cache: ResponseCache, metrics: Metrics) -> Runtime:
+def build_runtime(
+    reactor: object, config: Config, cache: ResponseCache, metrics: Metrics, health: HealthBook
+) -> Runtime:
     """Build the router and one pooled client per upstream in use."""
     clients = {
         domain.upstream.name: UpstreamClient(
@@ -117,6 +120,7 @@ def build_runtime(reactor: object, config: Config, cache: ResponseCache, metrics
         cache=cache,
         metrics=metrics,
         clock=reactor.seconds,  # type: ignore[attr-defined]
+        health=health,
     )
     return Runtime(config=config, router=router, clients=clients)
 
@@ -173,14 +177,17 @@ class ProxyService:
             on_change=self.metrics.cache_changed,
             on_evict=self.metrics.cache_evicted,
         )
-        self.runtime = build_runtime(reactor, config, self.cache, self.metrics)
+        self.health = HealthBook(reactor.seconds)  # type: ignore[attr-defined]
+        self.runtime = build_runtime(reactor, config, self.cache, self.metrics, self.health)
         self._load_certificates(config)
         limits = config.limits
         self.http_site = ProxySite(self.runtime.router, b"http", limits.client_timeout, limits.max_header_bytes)
         self.https_site = ProxySite(self.runtime.router, b"https", limits.client_timeout, limits.max_header_bytes)
         self._access_key = load_or_create_key(config.state_dir)
         self._set_access_log(config)
-        self.admin_site = AdminSite(lambda: self.ready, self.metrics, self.status, self.reload)
+        self.admin_site = AdminSite(
+            lambda: self.ready, self.metrics, self.status, self.reload, lambda: self.config.path
+        )
         self.metrics.watch_certificates(self.certificate_views)
 
     def _set_access_log(self, config: Config) -> None:
@@ -266,6 +273,7 @@ class ProxyService:
                     "next_renewal": _iso(view.next_renewal) if view else None,
                     "last_error": view.last_error if view else None,
                 },
+                "upstream_health": self.health.for_domain(name).document(),
             }
         return {
             "config": {
@@ -308,7 +316,7 @@ class ProxyService:
         if config.listen != old.config.listen:
             log.warn("listener changes in {config} take effect at the next restart", config=path)
         try:
-            runtime = build_runtime(self._reactor, config, self.cache, self.metrics)
+            runtime = build_runtime(self._reactor, config, self.cache, self.metrics, self.health)
         except (OSError, ValueError) as e:  # a file changed between parsing and use
             return self._reload_refused([f"{path}: {e}"])
         if config.state_dir != old.config.state_dir:
@@ -318,6 +326,7 @@ class ProxyService:
         self.https_site.router = runtime.router
         self._set_access_log(config)
         self.cache.drop_domains_except(name.encode("ascii") for name in config.domains)
+        self.health.keep_only(config.domains)
         self._preflight = self._preflight_for(config, old.config)
         self.check_certificates(reread=True)
         for client in old.clients.values():

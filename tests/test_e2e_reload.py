@@ -529,6 +529,7 @@ def test_status_command_prints_a_row_per_domain_and_its_json_is_the_admin_status
         "upstream": None,
         "cache_entries": None,
         "certificate": dict.fromkeys(["status", "source", "not_after", "next_renewal", "last_error"]),
+        "upstream_health": dict.fromkeys(["last_error", "last_error_at", "failed_ratio_5m"]),
     }
     assert shape(printed) == {
         "config": dict.fromkeys(["path", "loaded_at", "last_reload_success"]),
