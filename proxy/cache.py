@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import attrs
 from twisted.internet import defer
@@ -30,7 +31,7 @@ from twisted.python.failure import Failure
 from proxy.upstream import UpstreamResponse
 
 CACHEABLE_STATUSES = frozenset({200, 204, 301, 302, 303, 307, 308, 404, 410})
-#: Bookkeeping per entry beyond its headers and body (key, objects, LRU links).
+#: Bookkeeping per entry beyond its prepared head and body (key, objects, LRU links).
 ENTRY_OVERHEAD = 256
 _REFUSING_DIRECTIVES = (b"no-store", b"private", b"no-cache")
 
@@ -47,22 +48,21 @@ def storable_ttl(response: UpstreamResponse, domain_ttl: float) -> float:
     ttl = domain_ttl
     shared_max_age = None
     max_age = None
-    for name, values in response.headers:
+    for name, value in response.headers:
         lower = name.lower()
         if lower == b"set-cookie":
             return 0.0  # a cookie is one client's; replaying it would hand it to others
-        if lower == b"vary" and any(v.strip() == b"*" for value in values for v in value.split(b",")):
+        if lower == b"vary" and any(v.strip() == b"*" for v in value.split(b",")):
             return 0.0
         if lower == b"cache-control":
-            for value in values:
-                for directive in value.lower().split(b","):
-                    directive = directive.strip()
-                    if directive in _REFUSING_DIRECTIVES or directive.startswith(b"no-cache="):
-                        return 0.0
-                    if directive.startswith(b"s-maxage="):
-                        shared_max_age = _seconds(directive[9:])
-                    elif directive.startswith(b"max-age="):
-                        max_age = _seconds(directive[8:])
+            for directive in value.lower().split(b","):
+                directive = directive.strip()
+                if directive in _REFUSING_DIRECTIVES or directive.startswith(b"no-cache="):
+                    return 0.0
+                if directive.startswith(b"s-maxage="):
+                    shared_max_age = _seconds(directive[9:])
+                elif directive.startswith(b"max-age="):
+                    max_age = _seconds(directive[8:])
     # A shared cache honours s-maxage over max-age (RFC 9111 §5.2.2.10).
     upstream_limit = shared_max_age if shared_max_age is not None else max_age
     if upstream_limit is not None:
@@ -75,16 +75,17 @@ def _seconds(text: bytes) -> float:
     return float(int(text)) if text.isdigit() else 0.0
 
 
-def response_size(response: UpstreamResponse) -> int:
-    headers = sum(len(n) + sum(len(v) for v in vs) for n, vs in response.headers)
-    return ENTRY_OVERHEAD + headers + len(response.body)
+class Storable(Protocol):
+    """What the cache keeps (``forward.Relayed``): it knows its own size in bytes."""
+
+    size: int
 
 
 @attrs.frozen
 class Entry:
     """A stored answer and when it was stored."""
 
-    response: UpstreamResponse
+    answer: Storable
     domain: bytes
     stored_at: float
     expires_at: float
@@ -152,15 +153,15 @@ class ResponseCache:
         """Seconds since the entry was stored, for the ``Age`` header."""
         return max(0, int(self._now() - entry.stored_at))
 
-    def put(self, key: bytes, domain: bytes, response: UpstreamResponse, ttl: float) -> bool:
-        """Store ``response`` for ``ttl`` seconds; False if it cannot fit at all."""
-        size = response_size(response)
+    def put(self, key: bytes, domain: bytes, answer: Storable, ttl: float) -> bool:
+        """Store ``answer`` for ``ttl`` seconds; False if it cannot fit at all."""
+        size = answer.size
         if ttl <= 0 or size > self.max_bytes:
             return False
         now = self._now()
         if key in self._entries:
             self._remove(key)
-        entry = Entry(response, domain, now, now + ttl, size)
+        entry = Entry(answer, domain, now, now + ttl, size)
         self._entries[key] = entry
         self.bytes += size
         heapq.heappush(self._expiry, (entry.expires_at, key))
@@ -218,7 +219,7 @@ class ResponseCache:
         """Mark a fetch for ``key`` as under way; later misses :meth:`join` it."""
         self._inflight[key] = []
 
-    def settle(self, key: bytes, outcome: UpstreamResponse | Failure | None) -> None:
+    def settle(self, key: bytes, outcome: Storable | Failure | None) -> None:
         """Hand the leader's outcome to every waiter: the same answer or the same error.
 
         ``None`` means the answer was not shareable (e.g. it set a cookie): waiters get

@@ -180,6 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the reactor's next turn.
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload))
     reactor.run()
+    service.flush_logs()  # what requests finishing during shutdown logged
     return outcome["code"]
 
 

@@ -39,18 +39,19 @@ from twisted.protocols.policies import WrappingFactory
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from proxy.access import AccessLog, load_or_create_key
+from proxy.access import AccessLog, Recorder, load_or_create_key
 from proxy.acme import ChallengeStore, challenge_dir
 from proxy.admin import AdminSite
 from proxy.cache import ResponseCache
 from proxy.certs import AcmeRecords, CertificateStore, CertificateView, describe
 from proxy.config import Config, ConfigErrors, load_config
-from proxy.forward import ProxySite, Router
+from proxy.forward import Router
 from proxy.health import HealthBook
 from proxy.issuer import CertbotIssuer
 from proxy.metrics import Metrics
 from proxy.preflight import Preflight, resolver_for
 from proxy.renewal import RenewalManager
+from proxy.server import HTTPFactory
 from proxy.systemd import Notifier
 from proxy.tls import CountingTLSFactory, ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
@@ -181,19 +182,29 @@ class ProxyService:
         self.runtime = build_runtime(reactor, config, self.cache, self.metrics, self.health)
         self._load_certificates(config)
         limits = config.limits
-        self.http_site = ProxySite(self.runtime.router, b"http", limits.client_timeout, limits.max_header_bytes)
-        self.https_site = ProxySite(self.runtime.router, b"https", limits.client_timeout, limits.max_header_bytes)
         self._access_key = load_or_create_key(config.state_dir)
+        self.recorder = Recorder(self.metrics, None, reactor.seconds)  # type: ignore[attr-defined]
         self._set_access_log(config)
+        self.http_factory, self.https_factory = (
+            HTTPFactory(
+                self.runtime.router.handle, scheme, limits.client_timeout, limits.max_header_bytes,
+                reactor, self.recorder, limit=MAX_CONNECTIONS_PER_LISTENER,  # type: ignore[arg-type]
+            )
+            for scheme in (b"http", b"https")
+        )
         self.admin_site = AdminSite(
             lambda: self.ready, self.metrics, self.status, self.reload, lambda: self.config.path
         )
         self.metrics.watch_certificates(self.certificate_views)
 
     def _set_access_log(self, config: Config) -> None:
-        log_file = AccessLog(sys.stdout, config.log_paths == "full", self._access_key)
-        self.http_site.access_log = log_file
-        self.https_site.access_log = log_file
+        previous = self.recorder.access_log
+        self.recorder.access_log = AccessLog(
+            sys.stdout, config.log_paths == "full", self._access_key,
+            call_later=self._reactor.callLater,  # type: ignore[attr-defined]
+        )
+        if previous is not None:
+            previous.flush()
 
     @property
     def config(self) -> Config:
@@ -322,8 +333,8 @@ class ProxyService:
         if config.state_dir != old.config.state_dir:
             self.renewals.records = AcmeRecords(config.state_dir)
         self.runtime = runtime
-        self.http_site.router = runtime.router
-        self.https_site.router = runtime.router
+        self.http_factory.handler = runtime.router.handle
+        self.https_factory.handler = runtime.router.handle
         self._set_access_log(config)
         self.cache.drop_domains_except(name.encode("ascii") for name in config.domains)
         self.health.keep_only(config.domains)
@@ -362,17 +373,18 @@ class ProxyService:
                 "workers: {workers} is not supported yet; serving with one process",
                 workers="auto" if config.workers is None else config.workers,
             )
-        https_factory = CountingTLSFactory(
-            self.server_tls, self.https_site, self.metrics.count_handshake_failure
+        tls_factory = CountingTLSFactory(
+            self.server_tls, self.https_factory, self.metrics.count_handshake_failure
         )
+        admin = ConnectionLimit(self.admin_site, limit=64)
         roles = (
-            ("http", config.listen.http, ConnectionLimit(self.http_site)),
-            ("https", config.listen.https, ConnectionLimit(https_factory)),
-            ("admin", config.listen.admin, ConnectionLimit(self.admin_site, limit=64)),
+            ("http", config.listen.http, self.http_factory, self.http_factory),
+            ("https", config.listen.https, tls_factory, self.https_factory),
+            ("admin", config.listen.admin, admin, admin),
         )
         listening = []
-        for role, descriptions, factory in roles:
-            self.metrics.watch_connections(role, lambda factory=factory: factory.open_connections)
+        for role, descriptions, factory, counted in roles:
+            self.metrics.watch_connections(role, lambda counted=counted: counted.open_connections)
             for description in descriptions:
                 d = defer.maybeDeferred(serverFromString(self._reactor, description).listen, factory)
                 d.addCallback(self._listening, role, description)
@@ -419,7 +431,13 @@ class ProxyService:
                 loop.stop()
         closing = [defer.maybeDeferred(p.stopListening) for ps in self.ports.values() for p in ps]
         closing += [c.close() for c in self.runtime.clients.values()]
+        self.flush_logs()
         return defer.gatherResults(closing, consumeErrors=True)
+
+    def flush_logs(self) -> None:
+        """Write the access lines held for the next batch."""
+        if self.recorder.access_log is not None:
+            self.recorder.access_log.flush()
 
 
 def _iso(moment: datetime.datetime | None) -> str | None:

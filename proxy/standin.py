@@ -14,7 +14,9 @@ platform:
 - anything else: ``404``;
 - one line per request on standard output with what it received (Host, SNI,
   User-Agent, X-Forwarded-For, X-Forwarded-Proto), the things the platform relies on;
-- ``--delay`` holds every answer, for timeouts and coalescing demos.
+- ``--delay`` holds every answer, for timeouts and coalescing demos;
+- ``SIGUSR1`` prints how many connections and requests it has had (the benchmark
+  counts the proxies' upstream connections with it).
 
 It parses requests with httptools (llhttp) and answers from bytes prepared at start-up,
 so it costs little next to the proxy it stands behind. It keeps no state between
@@ -26,6 +28,7 @@ from __future__ import annotations
 import datetime
 import os
 import shlex
+import signal
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -247,6 +250,7 @@ class StandInProtocol(Protocol):
 
     def _answer_one(self) -> None:
         method, target, headers, keep_alive = self._queue.popleft()
+        self._stand_in.requests += 1
         code, (head, body) = answer_for(target)
         self._stand_in.show(describe(method, target, headers, self._server_name(), code))
         self._write(head, b"" if method == b"HEAD" else body, keep_alive)
@@ -290,8 +294,16 @@ class StandIn(Factory):
         self._out = out
         self.date: Callable[[], bytes] = http11.DateCache(clock.seconds)  # type: ignore[attr-defined]
 
+    connections = 0
+    requests = 0
+
     def buildProtocol(self, addr: object) -> StandInProtocol:
+        self.connections += 1
         return StandInProtocol(self)
+
+    def counts(self) -> str:
+        """What ``SIGUSR1`` prints: connections accepted and requests answered so far."""
+        return f"stand-in counts: connections={self.connections} requests={self.requests}"
 
     def show(self, line: str) -> None:
         if self._out is None:
@@ -335,11 +347,17 @@ def run(
               f"choose another port with --port", file=sys.stderr)
         return 1
     bound = listening.getHost().port
+
+    def print_counts() -> None:
+        print(stand_in.counts(), file=out, flush=True)
+
+    # A signal handler may run between any two bytecodes: print on the reactor's next turn.
+    signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(print_counts))  # type: ignore[attr-defined]
     held = f", every answer held {delay:g}s" if delay else ""
     print(
         f"stand-in platform {name} listening on https://127.0.0.1:{bound} (SNI {name} only{held})\n"
         f"  CA for an upstream's ca_file: {files.ca}\n"
-        f"  /f/... -> 302 Server: msys-http; /q/... -> open pixel; Ctrl-C stops",
+        f"  /f/... -> 302 Server: msys-http; /q/... -> open pixel; SIGUSR1 prints counts; Ctrl-C stops",
         file=out, flush=True,
     )
     reactor.run()  # type: ignore[attr-defined]

@@ -50,10 +50,12 @@ def test_the_key_is_made_once_private_and_kept(tmp_path: Path) -> None:
 
 def test_a_line_has_the_fields_an_operator_reads() -> None:
     stream = io.StringIO()
-    AccessLog(stream, False, KEY, wall_clock=lambda: 0).record(
+    access_log = AccessLog(stream, False, KEY, wall_clock=lambda: 0)
+    access_log.record(
         domain="track.example.test", scheme=b"https", method=b"GET", target=b"/f/secret",
         status=302, cache="hit", size=0, seconds=0.0015, client="192.0.2.1",
     )
+    access_log.flush()
     line = json.loads(stream.getvalue())
     assert line == {
         "time": "1970-01-01T00:00:00Z", "level": "info", "namespace": "trackproxy.access",
@@ -106,3 +108,52 @@ def test_the_running_proxy_logs_each_request(
         assert lines[0]["path"].startswith("/f/~") and lines[0]["path"] == lines[2]["path"]
     else:
         assert lines[0]["path"] == secret
+
+
+def record(access_log: AccessLog, target: bytes = b"/f/x") -> None:
+    access_log.record(domain="track.example.test", scheme=b"http", method=b"GET", target=target,
+                      status=302, cache="miss", size=5, seconds=0.001, client="192.0.2.1")
+
+
+def test_lines_are_written_in_batches_within_a_quarter_second() -> None:
+    from twisted.internet.task import Clock
+
+    from proxy.access import FLUSH_DELAY
+
+    clock, stream = Clock(), io.StringIO()
+    access_log = AccessLog(stream, False, KEY, wall_clock=clock.seconds, call_later=clock.callLater)
+    for _ in range(3):
+        record(access_log)
+    assert stream.getvalue() == ""
+    clock.advance(FLUSH_DELAY)
+    assert len(stream.getvalue().splitlines()) == 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_full_batch_is_written_at_once_so_memory_stays_bounded() -> None:
+    from proxy.access import FLUSH_BYTES
+
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = Counting()
+    access_log = AccessLog(stream, False, KEY)
+    for i in range(5000):
+        record(access_log, b"/f/%d" % i)
+        assert access_log._pending_bytes < FLUSH_BYTES
+    access_log.flush()
+    assert len(stream.getvalue().splitlines()) == 5000
+    assert stream.writes < 5000 / 50, "one write per batch, not per line"
+
+
+def test_the_redacted_form_is_remembered_per_target_and_the_cache_stays_bounded() -> None:
+    from proxy.access import PATH_CACHE
+
+    access_log = AccessLog(io.StringIO(), False, KEY)
+    for i in range(PATH_CACHE * 3):
+        record(access_log, b"/f/%d" % i)
+    assert len(access_log._paths) <= PATH_CACHE

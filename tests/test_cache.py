@@ -11,32 +11,39 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from proxy.access import Recorder
 from proxy.acme import ChallengeStore
-from proxy.cache import ResponseCache, cache_key, response_size, storable_ttl
+from proxy.cache import ResponseCache, cache_key, storable_ttl
 from proxy.config import parse_config
-from proxy.forward import ProxySite, Router
+from proxy.forward import Router, prepare
+from proxy.server import HTTPFactory
 from proxy.metrics import Metrics
 from proxy.upstream import UpstreamError, UpstreamResponse
 
 
 def answer(code=302, headers=(), body=b"moved"):
-    return UpstreamResponse(code, b"X", ((b"Location", (b"https://l.example/",)), *headers), body)
+    return UpstreamResponse(code, b"X", ((b"Location", b"https://l.example/"), *headers), body)
+
+
+def stored(**kwargs):
+    """An answer as the cache keeps it (prepared for relaying)."""
+    return prepare(answer(**kwargs))
 
 
 @pytest.mark.parametrize(
     "response, expected",
     [
         (answer(), 10.0),
-        (answer(headers=((b"Cache-Control", (b"max-age=3",)),)), 3.0),
-        (answer(headers=((b"Cache-Control", (b"public, max-age=3600",)),)), 10.0),  # never lengthened
-        (answer(headers=((b"Cache-Control", (b"max-age=60, s-maxage=2",)),)), 2.0),  # s-maxage wins
-        (answer(headers=((b"Cache-Control", (b"max-age=0",)),)), 0.0),
-        (answer(headers=((b"Cache-Control", (b"no-store",)),)), 0.0),
-        (answer(headers=((b"Cache-Control", (b"Private",)),)), 0.0),
-        (answer(headers=((b"Cache-Control", (b"no-cache",)),)), 0.0),
-        (answer(headers=((b"Set-Cookie", (b"id=1",)),)), 0.0),
-        (answer(headers=((b"Vary", (b"Accept-Encoding, *",)),)), 0.0),
-        (answer(headers=((b"Vary", (b"Accept-Encoding",)),)), 10.0),
+        (answer(headers=((b"Cache-Control", b"max-age=3"),)), 3.0),
+        (answer(headers=((b"Cache-Control", b"public, max-age=3600"),)), 10.0),  # never lengthened
+        (answer(headers=((b"Cache-Control", b"max-age=60, s-maxage=2"),)), 2.0),  # s-maxage wins
+        (answer(headers=((b"Cache-Control", b"max-age=0"),)), 0.0),
+        (answer(headers=((b"Cache-Control", b"no-store"),)), 0.0),
+        (answer(headers=((b"Cache-Control", b"Private"),)), 0.0),
+        (answer(headers=((b"Cache-Control", b"no-cache"),)), 0.0),
+        (answer(headers=((b"Set-Cookie", b"id=1"),)), 0.0),
+        (answer(headers=((b"Vary", b"Accept-Encoding, *"),)), 0.0),
+        (answer(headers=((b"Vary", b"Accept-Encoding"),)), 10.0),
         (answer(code=200), 10.0),
         (answer(code=404), 10.0),
         (answer(code=410), 10.0),
@@ -62,7 +69,7 @@ def new_cache(clock, max_entries=100, max_bytes=1 << 20):
 def test_entry_expires_after_its_ttl_and_age_counts_up():
     clock = Clock()
     cache, _ = new_cache(clock)
-    cache.put(b"k", b"d", answer(), 10)
+    cache.put(b"k", b"d", stored(), 10)
     clock.advance(3.7)
     entry = cache.get(b"k")
     assert entry is not None and cache.age(entry) == 3
@@ -75,19 +82,19 @@ def test_expired_entries_are_purged_without_being_looked_up():
     clock = Clock()
     cache, _ = new_cache(clock)
     for i in range(10):
-        cache.put(b"k%d" % i, b"d", answer(), 5)
+        cache.put(b"k%d" % i, b"d", stored(), 5)
     clock.advance(6)
-    cache.put(b"fresh", b"d", answer(), 5)
-    assert len(cache) == 1 and cache.bytes == response_size(answer())
+    cache.put(b"fresh", b"d", stored(), 5)
+    assert len(cache) == 1 and cache.bytes == stored().size
 
 
 def test_least_recently_used_goes_first_when_entries_run_out():
     clock = Clock()
     cache, evicted = new_cache(clock, max_entries=3)
     for key in (b"a", b"b", b"c"):
-        cache.put(key, b"d", answer(), 10)
+        cache.put(key, b"d", stored(), 10)
     cache.get(b"a")  # a is now the most recently used
-    cache.put(b"d", b"d", answer(), 10)
+    cache.put(b"d", b"d", stored(), 10)
     assert cache.get(b"b") is None
     assert all(cache.get(k) is not None for k in (b"a", b"c", b"d"))
     assert evicted == [1]
@@ -95,17 +102,17 @@ def test_least_recently_used_goes_first_when_entries_run_out():
 
 def test_byte_bound_counts_headers_and_body():
     clock = Clock()
-    size = response_size(answer(body=b"x" * 1000))
+    size = stored(body=b"x" * 1000).size
     cache, evicted = new_cache(clock, max_bytes=size * 2 + 10)
     for key in (b"a", b"b", b"c"):
-        cache.put(key, b"d", answer(body=b"x" * 1000), 10)
+        cache.put(key, b"d", stored(body=b"x" * 1000), 10)
     assert len(cache) == 2 and cache.bytes <= size * 2 + 10
     assert cache.get(b"a") is None and sum(evicted) == 1
 
 
 def test_an_answer_larger_than_the_whole_cache_is_not_stored():
     cache, _ = new_cache(Clock(), max_bytes=500)
-    assert cache.put(b"a", b"d", answer(body=b"x" * 1000), 10) is False
+    assert cache.put(b"a", b"d", stored(body=b"x" * 1000), 10) is False
     assert len(cache) == 0
 
 
@@ -113,7 +120,7 @@ def test_both_bounds_hold_under_many_distinct_urls():
     clock = Clock()
     cache, evicted = new_cache(clock, max_entries=1000, max_bytes=200_000)
     for i in range(20_000):
-        cache.put(b"https://t.example/f/%d" % i, b"t.example", answer(body=b"x" * (i % 300)), 10)
+        cache.put(b"https://t.example/f/%d" % i, b"t.example", stored(body=b"x" * (i % 300)), 10)
         clock.advance(0.001)
     assert len(cache) <= 1000 and cache.bytes <= 200_000
     assert cache.bytes == sum(e.size for e in cache._entries.values())
@@ -122,8 +129,8 @@ def test_both_bounds_hold_under_many_distinct_urls():
 
 def test_dropping_removed_domains_forgets_only_their_entries():
     cache, _ = new_cache(Clock())
-    cache.put(b"a1", b"a.example", answer(), 10)
-    cache.put(b"b1", b"b.example", answer(), 10)
+    cache.put(b"a1", b"a.example", stored(), 10)
+    cache.put(b"b1", b"b.example", stored(), 10)
     cache.drop_domains_except([b"b.example"])
     assert cache.get(b"a1") is None and cache.get(b"b1") is not None
     assert cache.entries_for(b"b.example") == 1
@@ -173,7 +180,7 @@ def setup(tmp_path):
         config.domains, {n: client for n in config.upstreams}, ChallengeStore(str(tmp_path)),
         cache=cache, metrics=metrics, clock=clock.seconds,
     )
-    return ProxySite(router, b"http", 30, 16384), client, clock, metrics
+    return HTTPFactory(router.handle, b"http", 30, 16384, clock, Recorder(metrics, None, clock.seconds)), client, clock, metrics
 
 
 def open_request(site, raw):
@@ -218,10 +225,10 @@ def test_a_failed_fetch_gives_every_waiter_the_same_error_without_retrying(setup
 def test_an_answer_setting_a_cookie_is_not_shared_with_waiters(setup):
     site, client, _, _ = setup
     first, second = open_request(site, GET), open_request(site, GET)
-    client.pending[0].callback(answer(headers=((b"Set-Cookie", (b"id=first",)),)))
+    client.pending[0].callback(answer(headers=((b"Set-Cookie", b"id=first"),)))
     assert b"id=first" in first.value()
     assert second.value() == b"" and len(client.calls) == 2  # the waiter fetches its own
-    client.pending[1].callback(answer(headers=((b"Set-Cookie", (b"id=second",)),)))
+    client.pending[1].callback(answer(headers=((b"Set-Cookie", b"id=second"),)))
     assert b"id=second" in second.value() and b"id=first" not in second.value()
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from proxy.cache import ResponseCache, response_size
+from proxy.cache import ResponseCache
+from proxy.forward import Relayed, prepare
 from proxy.upstream import UpstreamResponse
 
 URLS = 200_000
@@ -20,17 +21,17 @@ KIB = 1024
 TTL = 3600.0
 
 
-def tracking_answer(i: int, body_size: int) -> UpstreamResponse:
-    return UpstreamResponse(
+def tracking_answer(i: int, body_size: int) -> Relayed:
+    return prepare(UpstreamResponse(
         302,
         b"Found",
         (
-            (b"Location", (b"https://landing.example/p/%d" % i,)),
-            (b"Server", (b"msys-http",)),
-            (b"Content-Type", (b"text/html",)),
+            (b"Location", b"https://landing.example/p/%d" % i),
+            (b"Server", b"msys-http"),
+            (b"Content-Type", b"text/html"),
         ),
         b"x" * body_size,
-    )
+    ))
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,7 @@ def test_two_hundred_thousand_distinct_urls_never_exceed_max_entries_or_max_byte
     cache = ResponseCache(clock.seconds, max_entries, max_bytes, on_evict=evicted.append)
     sizes = list(body_sizes)
     fullest = (0, 0)
-    largest = max(response_size(tracking_answer(URLS, s)) for s in sizes)
+    largest = max(tracking_answer(URLS, s).size for s in sizes)
     for i in range(URLS):
         key = b"https://track.example.com/f/%d/%x" % (i, i * 2654435761 % 2**32)
         assert cache.put(key, b"track.example.com", tracking_answer(i, sizes[i % len(sizes)]), TTL)
@@ -62,7 +63,7 @@ def test_two_hundred_thousand_distinct_urls_never_exceed_max_entries_or_max_byte
         fullest = max(fullest, (len(cache), cache.bytes))
         clock.advance(0.001)
     assert sum(evicted) == URLS - len(cache)
-    assert cache.bytes == sum(response_size(e.response) for e in cache._entries.values())
+    assert cache.bytes == sum(e.answer.size for e in cache._entries.values())
     # A bound was reached, so it was the bound (not the run's size) that held the cache in.
     assert fullest[0] == max_entries or fullest[1] > max_bytes - largest, fullest
     # What is left is the most recent URLs, and they are served.

@@ -13,16 +13,11 @@ import stat
 import pytest
 from cryptography import x509
 from OpenSSL import SSL
-from twisted.internet import defer, error
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
 
 from proxy import pki
 from proxy.certs import CertificateStore, certificate_files
 from proxy.config import parse_config
 from proxy.tls import ServerTLS, normalise_server_name
-from proxy.upstream import UpstreamError, _Exchange, classify_failure
 
 NOW = datetime.datetime(2026, 11, 22, 10, 0, tzinfo=datetime.timezone.utc)
 
@@ -207,59 +202,8 @@ def test_tls12_client_with_a_modern_cipher_is_served(tmp_path):
     assert client.get_cipher_name() == "ECDHE-ECDSA-AES128-GCM-SHA256"
 
 
-def test_upstream_pools_are_replaced_every_few_minutes():
-    from twisted.internet.testing import MemoryReactorClock
-
-    from proxy.config import Upstream
-    from proxy.upstream import POOL_MAX_AGE, UpstreamClient, rotate_every
-
-    reactor = MemoryReactorClock()
-    client = UpstreamClient(reactor, Upstream("u", "http", "u.example", 80), connect_timeout=5, timeout=15)
-    first = client._pool
-    loop = rotate_every(reactor, lambda: [client])
-    reactor.advance(POOL_MAX_AGE - 1)
-    assert client._pool is first
-    reactor.advance(1)
-    assert client._pool is not first
-    # The old pool closes connections as they come back, so none outlives a rotation.
-    assert first.cachedConnectionTimeout == 0
-    loop.stop()
-
-
 @pytest.mark.parametrize(
     "raw, expected", [(b"Track.Example.com.", "track.example.com"), (None, None), (b"", None), (b"\xff", None)]
 )
 def test_server_name_normalisation(raw, expected):
     assert normalise_server_name(raw) == expected
-
-
-# ---------------------------------------------------------------------------
-# Upstream exchange deadline and failure names
-
-
-def test_exchange_times_out_after_the_deadline_and_cancels_the_request():
-    clock = Clock()
-    cancelled = []
-    request = defer.Deferred(lambda d: cancelled.append(True))
-    result = _Exchange(clock, 15).start(request)
-    clock.advance(14.9)
-    assert not result.called
-    clock.advance(0.2)
-    failure = pytest.importorskip("twisted.trial.unittest").SynchronousTestCase().failureResultOf(result, UpstreamError)
-    assert failure.value.outcome == "timeout" and cancelled == [True]
-    assert clock.getDelayedCalls() == []
-
-
-@pytest.mark.parametrize(
-    "exc, outcome",
-    [
-        (error.ConnectionRefusedError(), "connect_error"),
-        (error.DNSLookupError("x"), "connect_error"),
-        (error.TimeoutError(), "connect_error"),  # could not connect in time: unreachable
-        (ResponseNeverReceived([Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))]), "tls_error"),
-        (ResponseNeverReceived([Failure(error.ConnectionLost())]), "reset"),
-        (error.ConnectionLost(), "reset"),
-    ],
-)
-def test_upstream_failures_are_named(exc, outcome):
-    assert classify_failure(Failure(exc)) == outcome

@@ -34,6 +34,7 @@ from proxy.metrics import Metrics
 from proxy.preflight import Verdict
 from proxy.renewal import BACKOFF_BASE, BACKOFF_MAX, BUSY_RETRY, RenewalManager, backoff
 from proxy.service import CERTIFICATE_CHECK_INTERVAL, ProxyService
+from proxy.forward import prepare
 from proxy.upstream import UpstreamResponse
 
 T0 = datetime.datetime(2026, 11, 22, 10, 0, tzinfo=datetime.timezone.utc)
@@ -593,7 +594,7 @@ def test_an_invalid_reload_changes_nothing(served):
     line = text.count("\n") + 1
     assert not ok and summary["result"] == "failure"
     assert len(summary["errors"]) == 1 and summary["errors"][0].startswith(f"{path}:{line}:1: ")
-    assert service.runtime.router is router and service.http_site.router is router
+    assert service.runtime.router is router and service.http_factory.handler == router.handle
     assert service.server_tls._contexts is contexts
     registry = service.metrics.registry
     assert registry.get_sample_value("trackproxy_config_reloads_total", {"result": "failure"}) == 1
@@ -603,13 +604,13 @@ def test_an_invalid_reload_changes_nothing(served):
 def test_a_good_reload_adds_a_domain_and_drops_a_removed_ones_cache(served, tmp_path):
     service, _, path, cert, key = served
     for host in (b"track.example.com", b"old.example.com"):
-        service.cache.put(b"https://" + host + b"/f/a", host, UpstreamResponse(302, b"Found", (), b""), 60)
+        service.cache.put(b"https://" + host + b"/f/a", host, prepare(UpstreamResponse(302, b"Found", (), b"")), 60)
     path.write_text(YAML.format(state=tmp_path / "state", cert=cert, key=key,
                                 extra="  click.example.com: {certificate: none}\n"))
     ok, summary = service.reload()
     assert ok and summary["result"] == "success" and summary["domains"] == 2
     assert set(service.runtime.config.domains) == {"track.example.com", "click.example.com"}
-    assert set(service.https_site.router.routes) == {"track.example.com", "click.example.com"}
+    assert set(service.https_factory.handler.__self__.routes) == {"track.example.com", "click.example.com"}
     assert service.cache.entries_per_domain() == {"track.example.com": 1}
     assert service.metrics.registry.get_sample_value("trackproxy_config_reloads_total", {"result": "success"}) == 1
 
