@@ -2,9 +2,10 @@
 and ``POST /reload``.
 
 This module owns the admin HTTP resources. It reads the service's state and asks for
-reloads through the callables it is given, and never touches the proxy's listeners
-itself. The listener has no authentication: it belongs on loopback (the default) or a
-private interface.
+reloads through the callables it is given (each may answer at once or with a Deferred:
+with workers, the parent asks every worker first), and never touches the proxy's
+listeners itself. The listener has no authentication: it belongs on loopback (the
+default) or a private interface.
 """
 
 from __future__ import annotations
@@ -13,11 +14,35 @@ import json
 import urllib.parse
 from collections.abc import Callable
 
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from proxy import http11
-from proxy.metrics import Metrics
+
+log = Logger(namespace="trackproxy.admin")
+
+
+def _answer_later(request: server.Request, result: object, write: Callable[[object], bytes]) -> object:
+    """Render ``result`` (a value or a Deferred of one) with ``write``, now or when it fires."""
+    d = defer.maybeDeferred(lambda: result)
+
+    def done(value: object) -> None:
+        if request.finished or request._disconnected:
+            return
+        request.write(write(value))
+        request.finish()
+
+    def failed(failure: object) -> None:
+        log.failure("admin request failed", failure)
+        if request.finished or request._disconnected:
+            return
+        request.write(_json(request, 500, {"error": "internal error (see the log)"}))
+        request.finish()
+
+    d.addCallbacks(done, failed)
+    return server.NOT_DONE_YET
 
 
 class HealthResource(Resource):
@@ -43,15 +68,19 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, exposition: Callable[[str | None], object]) -> None:
         super().__init__()
-        self._metrics = metrics
+        self._exposition = exposition
 
-    def render_GET(self, request: server.Request) -> bytes:
+    def render_GET(self, request: server.Request) -> object:
         accept = request.getHeader(b"accept")
-        body, content_type = self._metrics.exposition(accept.decode("latin-1") if accept else None)
-        request.setHeader(b"content-type", content_type.encode("ascii"))
-        return body
+
+        def write(answer: object) -> bytes:
+            body, content_type = answer  # type: ignore[misc]
+            request.setHeader(b"content-type", content_type.encode("ascii"))
+            return body
+
+        return _answer_later(request, self._exposition(accept.decode("latin-1") if accept else None), write)
 
 
 def _json(request: server.Request, code: int, document: object) -> bytes:
@@ -66,12 +95,12 @@ class StatusResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, status: Callable[[], dict]) -> None:
+    def __init__(self, status: Callable[[], object]) -> None:
         super().__init__()
         self._status = status
 
-    def render_GET(self, request: server.Request) -> bytes:
-        return _json(request, 200, self._status())
+    def render_GET(self, request: server.Request) -> object:
+        return _answer_later(request, self._status(), lambda document: _json(request, 200, document))
 
 
 class ReloadResource(Resource):
@@ -80,13 +109,16 @@ class ReloadResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, reload: Callable[[], tuple[bool, dict]]) -> None:
+    def __init__(self, reload: Callable[[], object]) -> None:
         super().__init__()
         self._reload = reload
 
-    def render_POST(self, request: server.Request) -> bytes:
-        ok, outcome = self._reload()
-        return _json(request, 200 if ok else 422, outcome)
+    def render_POST(self, request: server.Request) -> object:
+        def write(result: object) -> bytes:
+            ok, outcome = result  # type: ignore[misc]
+            return _json(request, 200 if ok else 422, outcome)
+
+        return _answer_later(request, self._reload(), write)
 
 
 #: Every admin answer names the config file the proxy serves, so that the CLI can tell
@@ -123,14 +155,14 @@ class AdminSite(server.Site):
     def __init__(
         self,
         is_ready: Callable[[], bool],
-        metrics: Metrics,
-        status: Callable[[], dict],
-        reload: Callable[[], tuple[bool, dict]],
+        exposition: Callable[[str | None], object],
+        status: Callable[[], object],
+        reload: Callable[[], object],
         config_path: Callable[[], str],
     ) -> None:
         root = Resource()
         root.putChild(b"healthz", HealthResource(is_ready))
-        root.putChild(b"metrics", MetricsResource(metrics))
+        root.putChild(b"metrics", MetricsResource(exposition))
         root.putChild(b"status", StatusResource(status))
         root.putChild(b"reload", ReloadResource(reload))
         super().__init__(root)

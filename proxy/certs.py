@@ -62,6 +62,13 @@ class CertificateState:
     files: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
 
+def iso(moment: datetime.datetime | None) -> str | None:
+    """A time as status shows it: UTC, ISO 8601, to the second (``2027-01-21T10:00:00Z``)."""
+    if moment is None:
+        return None
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def domain_cert_dir(state_dir: str, domain: str) -> str:
     return os.path.join(state_dir, "certs", domain)
 

@@ -24,13 +24,14 @@ import attrs
 import idna
 import yaml
 
+from proxy.endpoints import local_address, parse_endpoint
+
 DEFAULT_CONFIG_PATH = "/etc/trackproxy/trackproxy.yaml"
 CONFIG_ENV = "TRACKPROXY_CONFIG"
 
 CERTIFICATE_KINDS = ("acme", "self-signed", "none")
 #: Methods an operator may allow. CONNECT and TRACE have no place on a tracking domain.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "unix", "systemd"})
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -333,35 +334,10 @@ def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, i
 def check_endpoint(description: str) -> None:
     """Check a Twisted server endpoint string well enough to catch typos.
 
-    Only the forms trackproxy documents are accepted: ``tcp``, ``tcp6``, ``unix`` and
-    ``systemd`` (socket activation). Binding is left to start-up.
+    Only the forms trackproxy documents are accepted (``endpoints``); binding is left
+    to start-up.
     """
-    parts = re.split(r"(?<!\\):", description)
-    kind = parts[0]
-    if kind not in ENDPOINT_TYPES:
-        raise ValueError(
-            f"{description!r}: unknown endpoint type {kind!r} "
-            f"(use one of {', '.join(sorted(ENDPOINT_TYPES))})"
-        )
-    args = [p for p in parts[1:] if "=" not in p]
-    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    if kind in ("tcp", "tcp6"):
-        port = args[0] if args else kwargs.get("port")
-        if port is None or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"{description!r}: expected {kind}:PORT with PORT 0-65535")
-        unknown = set(kwargs) - {"port", "interface", "backlog"}
-    elif kind == "unix":
-        if not (any(args) or kwargs.get("address")):
-            raise ValueError(f"{description!r}: expected unix:PATH")
-        unknown = set(kwargs) - {"address", "mode", "backlog", "lockfile"}
-    else:
-        if kwargs.get("domain") not in ("INET", "INET6", "UNIX"):
-            raise ValueError(f"{description!r}: systemd endpoints need domain=INET|INET6|UNIX")
-        if "name" not in kwargs and "index" not in kwargs:
-            raise ValueError(f"{description!r}: systemd endpoints need name=... or index=...")
-        unknown = set(kwargs) - {"domain", "name", "index"}
-    if unknown:
-        raise ValueError(f"{description!r}: unknown option {sorted(unknown)[0]!r}")
+    parse_endpoint(description)
 
 
 # ---------------------------------------------------------------------------
@@ -979,17 +955,10 @@ def admin_url(config: Config) -> str | None:
     reaches it (a wildcard interface is reached through loopback), or None when the admin
     listener is only a unix or systemd socket."""
     for description in config.listen.admin:
-        parts = re.split(r"(?<!\\):", description)
-        if parts[0] not in ("tcp", "tcp6"):
+        endpoint = parse_endpoint(description)
+        if endpoint.kind not in ("tcp", "tcp6"):
             continue
-        args = [p for p in parts[1:] if "=" not in p]
-        kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-        port = args[0] if args else kwargs["port"]
-        host = kwargs.get("interface", "").replace("\\:", ":")
-        if host in ("", "0.0.0.0"):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
+        host, port = local_address(endpoint, 0)  # type: ignore[misc]
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{port}"

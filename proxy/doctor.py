@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from proxy import __version__
 from proxy.config import Config, Domain, normalise_domain
+from proxy.endpoints import local_address, parse_endpoint
 from proxy.preflight import CAA, CAARecord, ca_identities, caa_permits, parse_caa, resolver_for
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
@@ -102,18 +103,9 @@ def listener_address(endpoints: Sequence[str], default_port: int) -> tuple[str, 
     (the unit's usual ``ListenStream=``). None when there is only ``unix`` listeners.
     """
     for description in endpoints:
-        parts = re.split(r"(?<!\\):", description)
-        kind, args = parts[0], [p for p in parts[1:] if "=" not in p]
-        kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-        if kind == "systemd":
-            return ("::1" if kwargs.get("domain") == "INET6" else "127.0.0.1"), default_port
-        if kind not in ("tcp", "tcp6"):
-            continue
-        port = int(args[0] if args else kwargs["port"])
-        host = kwargs.get("interface", "").replace("\\:", ":")
-        if host in ("", "0.0.0.0", "::"):
-            host = "::1" if kind == "tcp6" else "127.0.0.1"
-        return host, port
+        found = local_address(parse_endpoint(description), default_port)
+        if found is not None:
+            return found
     return None
 
 

@@ -70,11 +70,18 @@ class UpstreamHealth:
 
     def document(self) -> dict:
         """The ``upstream_health`` object of ``/status``."""
-        at = None
-        if self.last_error_at is not None:
-            moment = datetime.datetime.fromtimestamp(self.last_error_at, datetime.timezone.utc)
-            at = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-        return {"last_error": self.last_error, "last_error_at": at, "failed_ratio_5m": self.failed_ratio()}
+        ok, failed = self.counts()
+        return health_document(ok, failed, self.last_error, self.last_error_at)
+
+
+def health_document(ok: int, failed: int, last_error: str | None, last_error_at: float | None) -> dict:
+    """The ``upstream_health`` object of ``/status`` (also from several processes' counts)."""
+    at = None
+    if last_error_at is not None:
+        at = datetime.datetime.fromtimestamp(last_error_at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    total = ok + failed
+    return {"last_error": last_error, "last_error_at": at,
+            "failed_ratio_5m": round(failed / total, 4) if total else 0.0}
 
 
 class HealthBook:

@@ -32,10 +32,29 @@ disable_created_metrics()
 
 
 class Metrics:
-    """Every metric trackproxy exports, registered in ``registry``."""
+    """Every metric trackproxy exports, registered in ``registry``.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    A worker process counts what it serves (``management=False``); the parent of
+    workers counts certificates and reloads (``serving=False``) and adds the workers'
+    series to its ``/metrics`` (``workers``). One process does both.
+    """
+
+    def __init__(self, registry: CollectorRegistry, serving: bool = True, management: bool = True) -> None:
         self.registry = registry
+        self._request_children: dict[tuple, tuple] = {}
+        self._upstream_children: dict[tuple, tuple] = {}
+        self.open_connections = Gauge(
+            "trackproxy_open_connections",
+            "Connections open now, by listener (http, https, admin).",
+            ["listener"],
+            registry=registry,
+        )
+        if serving:
+            self._serving_metrics(registry)
+        if management:
+            self._management_metrics(registry)
+
+    def _serving_metrics(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "trackproxy_requests_total",
             "Requests answered, by domain, scheme, method, status code and cache outcome.",
@@ -69,6 +88,16 @@ class Metrics:
             "Entries evicted to stay within cache.max_entries / cache.max_bytes.",
             registry=registry,
         )
+        self.tls_handshake_failures = Counter(
+            "trackproxy_tls_handshake_failures_total",
+            "HTTPS handshakes that failed, by reason (unknown_sni: a name not configured).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in HANDSHAKE_FAILURE_REASONS:
+            self.tls_handshake_failures.labels(reason)
+
+    def _management_metrics(self, registry: CollectorRegistry) -> None:
         self.certificate_renewals = Counter(
             "trackproxy_certificate_renewals_total",
             "certbot runs for a domain, by result (success, failure).",
@@ -89,22 +118,6 @@ class Metrics:
         self.config_last_reload_success.set(1)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
-        self.tls_handshake_failures = Counter(
-            "trackproxy_tls_handshake_failures_total",
-            "HTTPS handshakes that failed, by reason (unknown_sni: a name not configured).",
-            ["reason"],
-            registry=registry,
-        )
-        for reason in HANDSHAKE_FAILURE_REASONS:
-            self.tls_handshake_failures.labels(reason)
-        self.open_connections = Gauge(
-            "trackproxy_open_connections",
-            "Connections open now, by listener (http, https, admin).",
-            ["listener"],
-            registry=registry,
-        )
-        self._request_children: dict[tuple, tuple] = {}
-        self._upstream_children: dict[tuple, tuple] = {}
 
     def count_request(
         self, domain: str, scheme: bytes, method: bytes, code: int, cache: str, seconds: float

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from proxy.certs import AcmeRecord, AcmeRecords, CertificateState, is_due
+from proxy.certs import AcmeRecord, AcmeRecords, CertificateState, is_due, iso
 from proxy.config import Config
 
 log = Logger(namespace="trackproxy.renewal")
@@ -184,7 +184,7 @@ class RenewalManager:
         self.records.set(domain, AcmeRecord())
         self._count(domain, "success")
         log.info("certificate for {domain} issued, valid until {not_after}",
-                 domain=domain, not_after=_iso(state.not_after))
+                 domain=domain, not_after=iso(state.not_after))
 
     def _failed(
         self, domain: str, error: str | None, unavailable: bool = False, retry_after: float | None = None
@@ -204,7 +204,7 @@ class RenewalManager:
             verdict="unavailable" if unavailable else "failed",
             error=error,
             failures=failures,
-            next_attempt=_iso(datetime.datetime.fromtimestamp(wait_until, datetime.timezone.utc)),
+            next_attempt=iso(datetime.datetime.fromtimestamp(wait_until, datetime.timezone.utc)),
         )
 
 
@@ -214,12 +214,7 @@ def _still_due(state: CertificateState | None, renew_before: float) -> str:
             f" ({state.last_error})" if state is not None and state.last_error else ""
         )
     return (
-        f"the new certificate ends {_iso(state.not_after)}, within acme.renew_before "
+        f"the new certificate ends {iso(state.not_after)}, within acme.renew_before "
         f"({renew_before:.0f}s) of now; lower renew_before"
     )
 
-
-def _iso(moment: datetime.datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -175,12 +175,14 @@ class HTTPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.open_connections += 1
+        self.factory.protocols.add(self)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self._peer = client_ip(getattr(peer, "host", "") or "")
         self._start_timer()
 
     def connectionLost(self, reason: object = None) -> None:
         self.factory.open_connections -= 1
+        self.factory.protocols.discard(self)
         self._cancel_timer()
         self._closing = True
         self.current = None
@@ -322,7 +324,7 @@ class HTTPServerProtocol(Protocol):
         """Write ``request``'s answer (one write), then go on with the next one."""
         last = not self._queue and (self._close_after_current or self._pending_refusal is not None)
         close = (not request.keep_alive or self._closing or request.code in _CLOSING_CODES
-                 or (last and self._pending_refusal is None))
+                 or (last and self._pending_refusal is None) or self.factory.draining)
         if close:
             connection = b"Connection: close\r\n\r\n"
         elif request.version == "1.0":
@@ -386,6 +388,13 @@ class HTTPServerProtocol(Protocol):
         transport.loseConnection()  # type: ignore[union-attr]
         self._cancel_timer()
         self._timer = self.factory.clock.callLater(LINGER, self._timed_out)
+
+    def drain(self) -> None:
+        """Stopping: close now if idle, else once the answer under way is out."""
+        if self.current is None and not self._queue:
+            self._close()
+        else:
+            self._close_after_current = True
 
     # ---------------------------------------------------------------- IPushProducer (our writes)
 
@@ -456,6 +465,20 @@ class HTTPFactory(Factory):
         self.finished = finished
         self.limit = limit
         self.open_connections = 0
+        self.protocols: set[HTTPServerProtocol] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        """Close idle connections, and each busy one after its answer (shutdown)."""
+        self.draining = True
+        for protocol in list(self.protocols):
+            protocol.drain()
+
+    def cut(self) -> None:
+        """Abort every connection still open (the drain took too long)."""
+        for protocol in list(self.protocols):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
     def at_limit(self) -> bool:
         return self.open_connections >= self.limit
