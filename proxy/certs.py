@@ -106,8 +106,12 @@ class CertificateStore:
         now: the current time as an aware UTC datetime (injected so tests control it).
     """
 
-    def __init__(self, now: Callable[[], datetime.datetime]) -> None:
+    def __init__(self, now: Callable[[], datetime.datetime], make_self_signed: bool = True) -> None:
         self._now = now
+        #: False in worker processes: their parent makes self-signed certificates, once,
+        #: before it has them load the files (two workers making their own would serve
+        #: two different certificates for one name).
+        self._make_self_signed = make_self_signed
         self._states: dict[str, CertificateState] = {}
 
     @property
@@ -127,7 +131,7 @@ class CertificateStore:
         """
         states: dict[str, CertificateState] = {}
         for domain in config.domains.values():
-            if domain.certificate.kind == "self-signed":
+            if domain.certificate.kind == "self-signed" and self._make_self_signed:
                 ensure_self_signed(config, domain, self._now())
             states[domain.name] = self._load_domain(config, domain, reread)
         self._states = states

@@ -159,11 +159,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.logs import start_logging
     from proxy.service import ProxyService
     from proxy.systemd import Notifier
+    from proxy.workers import Supervisor, worker_count
 
     start_logging()
     log = Logger(namespace="trackproxy.cli")
+    workers = worker_count(config)
     try:
-        service = ProxyService(reactor, config, notifier=Notifier(os.environ))
+        if workers == 1:
+            service = ProxyService(reactor, config, notifier=Notifier(os.environ))
+        else:
+            service = Supervisor(reactor, config, workers, notifier=Notifier(os.environ))
     except OSError as e:
         print(f"trackproxy: cannot prepare {config.state_dir}: {e}", file=sys.stderr)
         return 1

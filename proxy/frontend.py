@@ -103,6 +103,8 @@ class Frontend:
         now: the wall clock for certificate validity.
         access_key: the access log's redaction key (``access.load_or_create_key``).
         out: where access lines go (standard output).
+        in_worker: a worker process: its parent makes self-signed certificates and
+            reports certificate changes (the worker loads quietly).
     """
 
     def __init__(
@@ -113,13 +115,15 @@ class Frontend:
         now: Callable[[], datetime.datetime],
         access_key: bytes,
         out: IO[str] = sys.stdout,
+        in_worker: bool = False,
     ) -> None:
         self._reactor = reactor
         self.metrics = metrics
         self._access_key = access_key
         self._out = out
         self.server_tls = ServerTLS()
-        self.certificates = CertificateStore(now)
+        self.certificates = CertificateStore(now, make_self_signed=not in_worker)
+        self._report = not in_worker
         # One cache per process, kept across reloads (which drop removed domains' entries).
         self.cache = ResponseCache(
             reactor.seconds,  # type: ignore[attr-defined]
@@ -190,7 +194,8 @@ class Frontend:
         previous = self.certificates.states
         states = self.certificates.load(config, reread)
         self.server_tls.set_contexts(self.certificates.contexts())
-        report_certificates(previous, states)
+        if self._report:
+            report_certificates(previous, states)
         return states
 
     # ------------------------------------------------------------------ life

@@ -746,6 +746,20 @@ def keep_alive_get(sock: socket.socket, host: str, path: str = "/f/a/b/c/d") -> 
     return int(head.split(b" ", 2)[1])
 
 
+def children(pid: int) -> set[int]:
+    """The PIDs of ``pid``'s live children (a proxy's worker processes)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
 def run_trackproxy(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     """``trackproxy ARGS`` as an operator runs it, output captured as text."""
     return subprocess.run(

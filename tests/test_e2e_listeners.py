@@ -137,10 +137,12 @@ def test_several_listeners_per_role_including_ipv6(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate (Debian package systemd)")
-def test_systemd_socket_activation_with_named_sockets(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_socket_activation_with_named_sockets(tmp_path, workers):
     http_port, https_port, admin = free_port(), free_port(), free_port()
     config = write_config(
         tmp_path,
+        f"workers: {workers}\n"
         "listen:\n"
         '  http: ["systemd:domain=INET:name=http"]\n'
         '  https: ["systemd:domain=INET:name=https"]\n'
@@ -169,8 +171,26 @@ def test_systemd_socket_activation_with_named_sockets(tmp_path):
         cafile = tmp_path / "state" / "certs" / DOMAIN / "self-signed.pem"
         assert challenge_over_https("127.0.0.1", https_port, cafile) == (200, f"{TOKEN}.thumbprint".encode())
         assert os.path.exists(cafile)
+        if workers > 1:
+            # Every worker serves the sockets systemd handed to the parent.
+            wait_until(lambda: served_by_every_worker(admin, http_port, workers), "every worker serving",
+                       proc=proc, log=log)
     finally:
         stop(proc)
+
+
+def served_by_every_worker(admin: int, port: int, workers: int) -> bool:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(20) as pool:
+        assert set(pool.map(lambda _: challenge_over_http("127.0.0.1", port)[0], range(40))) == {200}
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    seen = {line.split('worker="', 1)[1].split('"', 1)[0] for line in text.splitlines()
+            if line.startswith("trackproxy_requests_total{") and 'worker="' in line}
+    return len(seen) == workers
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from proxy.systemd import Notifier
-from support import start_proxy
+from support import children, start_proxy
 
 
 @pytest.fixture
@@ -121,5 +121,54 @@ def test_the_running_proxy_notifies_ready_reloading_watchdog_and_stopping(
 
         proxy.process.terminate()
         messages(sock, "STOPPING=1")
+    finally:
+        proxy.stop()
+
+
+def credentialed(sock: socket.socket, until: str, within: float = 10.0) -> list[tuple[float, int, dict[str, str]]]:
+    """Like :func:`messages`, with each one's arrival time and sender PID (SO_PASSCRED)."""
+    import struct
+
+    key, value = until.split("=", 1)
+    deadline = time.monotonic() + within
+    seen = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no {until} within {within}s; got {seen}")
+        sock.settimeout(remaining)
+        data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+        pid = next(struct.unpack("3i", d)[0] for level, kind, d in ancillary
+                   if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+        seen.append((time.monotonic(), pid, fields))
+        if fields.get(key) == value:
+            return seen
+
+
+def test_with_workers_only_the_parent_notifies_and_the_watchdog_waits_for_its_workers(
+    tmp_path: Path, systemd_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = systemd_socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    proxy = start_proxy(
+        tmp_path / "proxy",
+        {"workers": 2, "domains": {"track.example.test": {"certificate": "self-signed"}}},
+        env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"},
+    )
+    try:
+        seen = credentialed(sock, "READY=1")
+        assert {pid for _, pid, _ in seen} == {proxy.process.pid}, "NotifyAccess=main: the parent alone"
+        workers = sorted(children(proxy.process.pid))
+        assert len(workers) == 2
+        credentialed(sock, "WATCHDOG=1")
+        os.kill(workers[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        pings = [t for t, _, fields in credentialed(sock, "WATCHDOG=1", within=15) if fields.get("WATCHDOG") == "1"]
+        # Pings every 0.1 s while both serve; none from the kill until the new one serves
+        # (a Python process takes several intervals to start).
+        assert pings[-1] - killed_at > 0.25, "the watchdog waited for the replacement"
+        later = [t for t, _, fields in credentialed(sock, "WATCHDOG=1") if fields.get("WATCHDOG") == "1"]
+        assert later and later[-1] - pings[-1] < 1.0, "and pings again once it serves"
     finally:
         proxy.stop()

@@ -1,0 +1,151 @@
+"""A worker process: ``python -m proxy.worker``, started by ``workers.Supervisor``.
+
+A worker serves the listening sockets its parent bound (or received from systemd) and
+handed down: it adopts them, serves them with its own :class:`~proxy.frontend.Frontend`
+(its own cache, pools and access log), and does what its parent asks over the control
+channel: ``reload`` (the parent's copy of the YAML text, so every process parses the
+same bytes), ``certificates`` (re-read what changed), ``metrics`` (its exposition) and
+``status`` (its cache and upstream counts). It runs no certbot, no admin listener and
+sends nothing to systemd. It stops on ``SIGTERM`` (answers under way go out first) and
+when its parent goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.logger import Logger
+
+log = Logger(namespace="trackproxy.worker")
+
+_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+
+
+def _listener(text: str) -> tuple[str, int, int]:
+    role, fd, family = text.split(":")
+    return role, int(fd), _FAMILIES[family]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m proxy.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--control", type=int, required=True, help="the control socket's fd")
+    parser.add_argument("--listener", type=_listener, action="append", default=[],
+                        help="ROLE:FD:FAMILY of a listening socket to serve")
+    return parser.parse_args(argv)
+
+
+class Worker:
+    """Answers the parent's requests for one frontend."""
+
+    def __init__(self, reactor: Any, frontend: Any, index: int) -> None:
+        self._reactor = reactor
+        self.frontend = frontend
+        self.index = index
+        self.ports: list[Any] = []
+
+    def handle(self, message: dict[str, Any]) -> object:
+        op = message.get("op")
+        if op == "reload":
+            return self._reload(message["text"], message["path"])
+        if op == "certificates":
+            self.frontend.load_certificates(self.frontend.config, bool(message.get("reread")))
+            return {"ok": True}
+        if op == "metrics":
+            from prometheus_client import generate_latest
+
+            return {"text": generate_latest(self.frontend.metrics.registry).decode("utf-8")}
+        if op == "status":
+            cache, health = self.frontend.status()
+            return {"cache": cache, "health": health}
+        raise ValueError(f"unknown control request {op!r}")
+
+    def _reload(self, text: str, path: str) -> dict[str, Any]:
+        from proxy.config import ConfigErrors, parse_config
+
+        try:
+            config = parse_config(text, path)
+            self.frontend.apply(config)
+        except ConfigErrors as e:
+            return {"ok": False, "errors": [str(error) for error in e.errors]}
+        except (OSError, ValueError) as e:
+            return {"ok": False, "errors": [f"{path}: worker {self.index}: {e}"]}
+        self.frontend.load_certificates(config, reread=True)
+        return {"ok": True}
+
+    def parent_gone(self) -> None:
+        if self._reactor.running:
+            log.warn("worker {index}: the parent process went away; stopping", index=self.index)
+            self._reactor.stop()
+
+    def stop(self) -> object:
+        """Stop accepting, let answers under way go out, close pools, flush the log."""
+        from twisted.internet import defer
+
+        closing = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        drained = self.frontend.drain(self.frontend.config.limits.upstream_timeout + 1)
+        drained.addCallback(lambda _: self.frontend.stop())
+        return defer.gatherResults([*closing, drained], consumeErrors=True)
+
+
+def _end_with_parent() -> None:
+    """SIGTERM when the parent process goes away, however it goes (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # it went before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    _end_with_parent()
+    from proxy.reactor import install
+
+    reactor = install()
+
+    from proxy.access import load_or_create_key
+    from proxy.config import ConfigErrors, load_config
+    from proxy.control import ChannelFactory, ControlChannel
+    from proxy.frontend import Frontend
+    from proxy.logs import start_logging
+    from proxy.service import new_metrics, utc_now
+
+    start_logging()
+    try:
+        config = load_config(args.config)
+    except ConfigErrors as e:
+        for error in e.errors:
+            print(error, file=sys.stderr)
+        return 1
+    frontend = Frontend(reactor, config, new_metrics(management=False), utc_now, load_or_create_key(config.state_dir),
+                        in_worker=True)
+    worker = Worker(reactor, frontend, args.index)
+    for role, fd, family in args.listener:
+        worker.ports.append(reactor.adoptStreamPort(fd, family, frontend.factory_for(role)))
+        os.close(fd)  # Twisted keeps its own duplicate
+    channel = ControlChannel(worker.handle, on_lost=worker.parent_gone)
+    reactor.adoptStreamConnection(args.control, socket.AF_UNIX, ChannelFactory(channel))
+    os.close(args.control)
+    frontend.start()
+    reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
+    # Ctrl-C in a terminal reaches the whole process group: the parent stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel.notify("ready", index=args.index, pid=os.getpid())
+    reactor.run(installSignalHandlers=True)
+    frontend.flush_logs()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
