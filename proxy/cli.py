@@ -153,7 +153,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return 1
 
-    from twisted.internet import reactor
+    from proxy.reactor import install
+
+    reactor = install()
     from twisted.logger import Logger
 
     from proxy.logs import start_logging
