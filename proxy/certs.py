@@ -26,11 +26,10 @@ import tempfile
 from collections.abc import Callable, Mapping
 
 import attrs
-from OpenSSL import SSL
 
 from proxy import pki
 from proxy.config import Config, Domain
-from proxy.tls import CertificateLoadError, context_for_files, load_pem_chain
+from proxy.tls import CertificateLoadError, CertifiedKey, load_pair, pair_digest, parse_pair, read_pair
 
 STATUSES = ("inactive", "pending", "valid", "expired", "failed", "unavailable")
 #: Where ACME attempts are remembered across restarts, in ``state_dir``.
@@ -54,7 +53,8 @@ class CertificateState:
     domain: str
     source: str  # acme | files | self-signed | none
     status: str
-    context: SSL.Context | None = attrs.field(default=None, eq=False, repr=False)
+    #: What serves it (checked; its OpenSSL context is built at the first handshake).
+    context: CertifiedKey | None = attrs.field(default=None, eq=False, repr=False)
     not_after: datetime.datetime | None = None
     last_error: str | None = None
     #: The files this state was loaded from, with (mtime, inode, size), so a watcher can
@@ -118,7 +118,7 @@ class CertificateStore:
     def states(self) -> Mapping[str, CertificateState]:
         return dict(self._states)
 
-    def contexts(self) -> dict[str, SSL.Context]:
+    def contexts(self) -> dict[str, CertifiedKey]:
         """name -> context for every domain that has something to serve."""
         return {d: s.context for d, s in self._states.items() if s.context is not None}
 
@@ -144,25 +144,30 @@ class CertificateStore:
             return CertificateState(domain.name, source, "inactive")
         fingerprint = _fingerprints(files)
         previous = self._states.get(domain.name)
-        unchanged = previous is not None and previous.source == source and previous.files == fingerprint
-        if unchanged and not reread:
+        same_source = previous is not None and previous.source == source
+        if same_source and previous.files == fingerprint and not reread:  # type: ignore[union-attr]
             return attrs.evolve(previous, status=self._status_for(previous.not_after, previous))
-        if source == "acme" and not os.path.exists(files[0]):
+        if source == "acme" and fingerprint[0][1] == (0, 0, 0):
             # Nothing issued yet: the domain waits for certbot.
             return CertificateState(domain.name, source, "inactive", files=fingerprint)
         try:
-            context = context_for_files(*files)
-            not_after = load_pem_chain(files[0])[0].not_valid_after_utc
+            data = read_pair(*files)
+            kept = previous.context if same_source else None  # type: ignore[union-attr]
+            if kept is not None and kept.digest == pair_digest(data):
+                # Read again (an explicit reload reads every file) and unchanged.
+                return attrs.evolve(previous, files=fingerprint, last_error=None,
+                                    status=self._status_for(previous.not_after, previous))
+            context = parse_pair(data, *files)
         except (CertificateLoadError, OSError, ValueError) as e:
             reason = e.reason if isinstance(e, CertificateLoadError) else f"{files[0]}: {e}"
-            if previous is not None and previous.context is not None and previous.source == source:
+            if same_source and previous.context is not None:  # type: ignore[union-attr]
                 # Keep serving what worked; say what was refused.
                 return attrs.evolve(previous, last_error=reason, files=fingerprint)
             return CertificateState(domain.name, source, "failed", last_error=reason, files=fingerprint)
         state = CertificateState(
-            domain.name, source, "valid", context=context, not_after=not_after, files=fingerprint
+            domain.name, source, "valid", context=context, not_after=context.not_after, files=fingerprint
         )
-        return attrs.evolve(state, status=self._status_for(not_after, state))
+        return attrs.evolve(state, status=self._status_for(context.not_after, state))
 
     def _status_for(self, not_after: datetime.datetime | None, state: CertificateState) -> str:
         if state.context is None:
@@ -194,8 +199,7 @@ def _self_signed_is_usable(cert_path: str, key_path: str, name: str, now: dateti
     if not (os.path.isfile(cert_path) and os.path.isfile(key_path)):
         return False
     try:
-        cert = load_pem_chain(cert_path)[0]
-        context_for_files(cert_path, key_path)
+        cert = load_pair(cert_path, key_path).chain[0]
     except (OSError, ValueError, CertificateLoadError):
         return False
     return name in pki.dns_names(cert) and cert.not_valid_after_utc - now > SELF_SIGNED_REFRESH

@@ -249,12 +249,18 @@ class Frontend:
             self.recorder.access_log.flush()
 
 
+#: Past this many certificates loaded at once (a start, a reload of a large map), one
+#: line says how many instead of one line each.
+REPORT_EACH_UP_TO = 20
+
+
 def report_certificates(
     previous: dict[str, CertificateState] | Iterable, states: dict[str, CertificateState]
 ) -> None:
     """Log each certificate that changed: loaded, refused, or still missing."""
     from proxy.certs import iso
 
+    loaded = []
     for state in states.values():
         before = previous.get(state.domain) if isinstance(previous, dict) else None
         if before is not None and before.files == state.files and before.source == state.source:
@@ -272,10 +278,21 @@ def report_certificates(
                 domain=state.domain,
                 source=state.source,
             )
-        else:
-            log.info(
-                "certificate for {domain} loaded ({source}), valid until {not_after}",
-                domain=state.domain,
-                source=state.source,
-                not_after=iso(state.not_after),
-            )
+        elif state.context is not None:
+            loaded.append(state)
+    if len(loaded) > REPORT_EACH_UP_TO:
+        first = min(loaded, key=lambda s: s.not_after or datetime.datetime.max.replace(tzinfo=datetime.timezone.utc))
+        log.info(
+            "certificates loaded for {count} domains; the first to end is {domain}'s, at {not_after}",
+            count=len(loaded),
+            domain=first.domain,
+            not_after=iso(first.not_after),
+        )
+        return
+    for state in loaded:
+        log.info(
+            "certificate for {domain} loaded ({source}), valid until {not_after}",
+            domain=state.domain,
+            source=state.source,
+            not_after=iso(state.not_after),
+        )

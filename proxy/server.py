@@ -425,6 +425,9 @@ class _NoParser:
 
 
 def _server_name_of(transport: object) -> str | None:
+    known = getattr(transport, "server_name", None)
+    if known is not None:
+        return known  # what the server-name callback served the handshake for
     handle = getattr(transport, "getHandle", None)
     connection = handle() if handle is not None else None
     get = getattr(connection, "get_servername", None)

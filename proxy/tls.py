@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
 
@@ -39,6 +40,9 @@ from twisted.protocols.tls import _representsEOF as represents_eof
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+#: Contexts kept built at once (each tens of KiB); past this the least recently used is
+#: dropped and built again at its name's next handshake (about 0.2 ms).
+MAX_BUILT_CONTEXTS = 1000
 #: The same session-id context on every context, so sessions stay resumable after the
 #: server-name callback has switched contexts.
 _SESSION_ID_CONTEXT = b"trackproxy"
@@ -94,7 +98,8 @@ class ServerTLS:
     """Creates server-side TLS connections whose certificate is chosen by SNI."""
 
     def __init__(self) -> None:
-        self._contexts: Mapping[str, SSL.Context] = MappingProxyType({})
+        self._contexts: Mapping[str, SSL.Context | CertifiedKey] = MappingProxyType({})
+        self._recent: OrderedDict[int, CertifiedKey] = OrderedDict()
         self._default = self._build_default_context()
         install_quiet_excepthook()
 
@@ -114,17 +119,40 @@ class ServerTLS:
 
     def _on_server_name(self, connection: SSL.Connection) -> None:
         name = normalise_server_name(connection.get_servername())
-        context = self._contexts.get(name) if name else None
-        if context is None:
-            protocol = connection.get_app_data()
+        entry = self._contexts.get(name) if name else None
+        protocol = connection.get_app_data()
+        if entry is None:
             if isinstance(protocol, CountingTLSProtocol):
                 protocol.refusal = "unknown_sni" if name else "no_sni"
             raise UnknownServerName(name)
+        if isinstance(entry, CertifiedKey):
+            context = self._built(entry)
+        else:
+            context = entry
+        if isinstance(protocol, CountingTLSProtocol):
+            protocol.server_name = name
         connection.set_context(context)
 
-    def set_contexts(self, contexts: Mapping[str, SSL.Context]) -> None:
-        """Serve new handshakes from ``contexts``; open connections are untouched."""
+    def _built(self, entry: CertifiedKey) -> SSL.Context:
+        """``entry``'s context, keeping the :data:`MAX_BUILT_CONTEXTS` most recently used."""
+        recent = self._recent
+        if entry.built:
+            recent.move_to_end(id(entry))
+            return entry.context()
+        context = entry.context()
+        recent[id(entry)] = entry
+        while len(recent) > MAX_BUILT_CONTEXTS:
+            _, oldest = recent.popitem(last=False)
+            oldest.forget()  # connections using it keep it; the next handshake rebuilds
+        return context
+
+    def set_contexts(self, contexts: Mapping[str, SSL.Context | CertifiedKey]) -> None:
+        """Serve new handshakes from ``contexts`` (contexts, or checked pairs whose
+        context is built at their first handshake); open connections are untouched."""
         self._contexts = MappingProxyType(dict(contexts))
+        current = {id(e) for e in self._contexts.values()}
+        for key in [k for k in self._recent if k not in current]:
+            del self._recent[key]
 
     @property
     def names(self) -> frozenset[str]:
@@ -172,14 +200,17 @@ class CountingTLSProtocol(TLSMemoryBIOProtocol):
     and goes away before finishing (a port scanner) is not a handshake failure, only an
     OpenSSL error during the handshake counts.
 
-    Two departures from Twisted's own, both for the cost of a connection:
-    :meth:`makeConnection` does not re-declare every interface of the TCP transport on
-    this object (``directlyProvides`` twice per connection, about 25 µs; nothing here
-    asks for them), and closing does not wait for the client's close_notify, which many
-    clients never send: our close_notify goes out, then the TCP connection closes.
+    Departures from Twisted's own, for the cost of a connection: :meth:`makeConnection`
+    does not re-declare every interface of the TCP transport on this object
+    (``directlyProvides`` twice per connection, about 25 µs; nothing here asks for
+    them) nor try a handshake step before the client has said anything; and closing
+    does not wait for the client's close_notify, which many clients never send: our
+    close_notify goes out, then the TCP connection closes.
     """
 
     refusal: str | None = None
+    #: The SNI the handshake was served for (normalised), set by the server-name callback.
+    server_name: str | None = None
 
     def makeConnection(self, transport: object) -> None:
         # TLSMemoryBIOProtocol.makeConnection without the directlyProvides loops (and
@@ -190,7 +221,8 @@ class CountingTLSProtocol(TLSMemoryBIOProtocol):
         self.factory.registerProtocol(self)
         if self._connectWrapped:
             self.wrappedProtocol.makeConnection(self)
-        self._checkHandshakeStatus()
+        # No _checkHandshakeStatus() here: a server has nothing to send before the
+        # ClientHello arrives (dataReceived drives the handshake from there).
 
     def _shutdownTLS(self) -> None:
         super()._shutdownTLS()
@@ -247,6 +279,121 @@ def load_pem_chain(path: str) -> list[x509.Certificate]:
     """The certificates of a PEM bundle, leaf first."""
     with open(path, "rb") as f:
         return x509.load_pem_x509_certificates(f.read())
+
+
+class CertifiedKey:
+    """A certificate chain and its key, checked, and the context serving them built the
+    first time a handshake asks for it (:meth:`context`).
+
+    Building an OpenSSL context costs about 0.2 ms and tens of KiB; a proxy with
+    thousands of domains would pay that for every one at start and at every reload,
+    most of them before any client asks. What is checked at load (readable files, PEM,
+    the key matching the leaf) is done with the parsed objects kept here, so the
+    context built later serves exactly what was checked, whatever happens to the files
+    meanwhile. :meth:`forget` drops a built context (``ServerTLS`` keeps the most
+    recently used ones).
+    """
+
+    __slots__ = ("chain", "key", "not_after", "digest", "_context", "_paths")
+
+    def __init__(self, chain: list[x509.Certificate], key: object, paths: tuple[str, str]) -> None:
+        self.chain = chain
+        self.key = key
+        self.not_after = chain[0].not_valid_after_utc
+        #: The files' contents' digest (``pair_digest``): a re-read that finds the same
+        #: bytes keeps this pair instead of parsing them again.
+        self.digest = b""
+        self._context: SSL.Context | None = None
+        self._paths = paths
+
+    def context(self) -> SSL.Context:
+        context = self._context
+        if context is None:
+            context = self._context = _context_for(self.chain, self.key)
+        return context
+
+    @property
+    def built(self) -> bool:
+        return self._context is not None
+
+    def forget(self) -> None:
+        self._context = None
+
+
+def _context_for(chain: list[x509.Certificate], key: object) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_session_id(_SESSION_ID_CONTEXT)
+    ctx.use_certificate(chain[0])
+    for extra in chain[1:]:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(key)  # type: ignore[arg-type]
+    return ctx
+
+
+def read_pair(fullchain_path: str, key_path: str) -> tuple[bytes, bytes]:
+    """The two files' bytes.
+
+    Raises:
+        CertificateLoadError: a file is missing or cannot be read.
+    """
+    data = []
+    for what, path in (("certificate", fullchain_path), ("key", key_path)):
+        try:
+            with open(path, "rb") as f:
+                data.append(f.read())
+        except FileNotFoundError:
+            raise CertificateLoadError(f"{what} file {path} does not exist")
+        except PermissionError:
+            raise CertificateLoadError(f"{what} file {path} is not readable")
+        except IsADirectoryError:
+            raise CertificateLoadError(f"{what} file {path} does not exist (it is a directory)")
+        except OSError as e:
+            raise CertificateLoadError(f"{what} file {path}: {e.strerror or e}")
+    return data[0], data[1]
+
+
+def pair_digest(data: tuple[bytes, bytes]) -> bytes:
+    """What tells one pair's contents from another's (without parsing them)."""
+    import hashlib
+
+    return hashlib.sha256(b"%d\0%s%s" % (len(data[0]), data[0], data[1])).digest()
+
+
+def parse_pair(data: tuple[bytes, bytes], fullchain_path: str, key_path: str) -> CertifiedKey:
+    """Check a certificate chain and its key, as read (the context is built later).
+
+    Raises:
+        CertificateLoadError: not PEM, or the key does not match the certificate.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        chain = x509.load_pem_x509_certificates(data[0])
+    except ValueError as e:
+        raise CertificateLoadError(f"certificate file {fullchain_path}: no certificate in it ({e})")
+    try:
+        # The RSA consistency check costs milliseconds per key; the match with the
+        # certificate below is what matters for serving.
+        key = serialization.load_pem_private_key(data[1], None, unsafe_skip_rsa_key_validation=True)
+    except (ValueError, TypeError) as e:
+        raise CertificateLoadError(f"key file {key_path}: no usable private key in it ({e})")
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, public) != chain[0].public_key().public_bytes(der, public):
+        raise CertificateLoadError(f"key {key_path} does not match certificate {fullchain_path}")
+    pair = CertifiedKey(chain, key, (fullchain_path, key_path))
+    pair.digest = pair_digest(data)
+    return pair
+
+
+def load_pair(fullchain_path: str, key_path: str) -> CertifiedKey:
+    """Read and check a certificate chain and its key (the context is built later).
+
+    Raises:
+        CertificateLoadError: a file is missing or unreadable, is not PEM, or the key
+            does not match the certificate.
+    """
+    return parse_pair(read_pair(fullchain_path, key_path), fullchain_path, key_path)
 
 
 def context_for_files(fullchain_path: str, key_path: str) -> SSL.Context:

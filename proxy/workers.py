@@ -186,9 +186,10 @@ class Supervisor(Management):
         self.count = count
         self._worker_command = worker_command or (lambda index, args: [sys.executable, "-m", "proxy.worker", *args])
         self.certificates = CertificateStore(now)
-        # Made here first (self-signed certificates, the access-log key), so workers
-        # only ever read them.
-        report_certificates({}, self.certificates.load(config))
+        # Made here first (self-signed certificates; the access-log key above), so
+        # workers only ever read them. The parent's own view of the certificates is
+        # loaded once the workers are starting, alongside them.
+        _make_self_signed(config, now())
         self.workers: list[WorkerProcess | None] = [None] * count
         self._shared: list[tuple[str, int, int]] = []  # (role, fd, family)
         self._held: list[object] = []  # sockets kept open for the workers
@@ -343,22 +344,24 @@ class Supervisor(Management):
                                   HealthBook(lambda: 0.0))
             for client in trial.clients.values():
                 client.close()
-            # Self-signed certificates are made here, once, for the workers to load.
-            for domain in config.domains.values():
-                if domain.certificate.kind == "self-signed":
-                    ensure_self_signed(config, domain, self._now())
+            _make_self_signed(config, self._now())  # once, here, for the workers to load
         except (OSError, ValueError) as e:
             self.notifier.ready(self._summary())
             return defer.succeed(self._reload_refused([f"{config.path}: {e}"]))
         d = self._ask("reload", text=text, path=config.path)
+        # The parent's own view of the certificates, re-read while the workers re-read theirs.
+        previous = self.certificates.states
+        mine = self.certificates.load(config, reread=True)
 
         def outcome(answers: dict[int, Any]) -> tuple[bool, dict]:
             errors = [error for answer in answers.values() if not answer["ok"] for error in answer["errors"]]
             missing = [w.index for w in self.workers if w is None or w.index not in answers]
             if errors:
+                self.certificates.load(self.config)  # back to the file the workers still serve
                 return self._reload_refused(errors)
+            report_certificates(previous, mine)
             self._accept_reload(config)
-            self.check_certificates(reread=True, tell_workers=False)  # the workers re-read in their reload
+            self._update_renewals()
             if missing:
                 log.warn("workers {missing} were not serving during the reload; they start with the new file",
                          missing=missing)
@@ -387,6 +390,7 @@ class Supervisor(Management):
         admin = defer.gatherResults(self._listen_admin(), consumeErrors=True)
         admin.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
         workers = [self._spawn(index).became_ready for index in range(self.count)]
+        report_certificates({}, self.certificates.load(config))  # while the workers load theirs
         ready = defer.gatherResults(workers, consumeErrors=True)
         ready.addTimeout(READY_WITHIN, self._reactor)
         ready.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
@@ -422,6 +426,12 @@ class Supervisor(Management):
 
     def flush_logs(self) -> None:
         """The parent writes no access lines."""
+
+
+def _make_self_signed(config: Config, now: datetime.datetime) -> None:
+    for domain in config.domains.values():
+        if domain.certificate.kind == "self-signed":
+            ensure_self_signed(config, domain, now)
 
 
 def _address(sock: socket.socket) -> str:

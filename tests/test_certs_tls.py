@@ -207,3 +207,51 @@ def test_tls12_client_with_a_modern_cipher_is_served(tmp_path):
 )
 def test_server_name_normalisation(raw, expected):
     assert normalise_server_name(raw) == expected
+
+
+def many_domains(tmp_path, count):
+    lines = []
+    serials = {}
+    for i in range(count):
+        name = f"d{i}.example.com"
+        _, _, cert = make_pair(tmp_path, name)
+        serials[name] = cert.serial_number
+        lines.append(f"  {name}: {{certificate: {{cert: {tmp_path}/{name}.pem, key: {tmp_path}/{name}.key}}}}\n")
+    return config_for(tmp_path, "".join(lines)), serials
+
+
+def test_a_context_is_built_at_its_names_first_handshake_only(tmp_path):
+    config, serials = many_domains(tmp_path, 3)
+    store = CertificateStore(lambda: NOW)
+    store.load(config)
+    assert not any(pair.built for pair in store.contexts().values()), "nothing built at load"
+    server_tls = ServerTLS()
+    server_tls.set_contexts(store.contexts())
+    assert serial_served(server_tls, b"d1.example.com") == serials["d1.example.com"]
+    assert [name for name, pair in store.contexts().items() if pair.built] == ["d1.example.com"]
+
+
+def test_only_the_most_recently_used_contexts_stay_built(tmp_path, monkeypatch):
+    import proxy.tls
+
+    monkeypatch.setattr(proxy.tls, "MAX_BUILT_CONTEXTS", 2)
+    config, serials = many_domains(tmp_path, 3)
+    store = CertificateStore(lambda: NOW)
+    store.load(config)
+    server_tls = ServerTLS()
+    server_tls.set_contexts(store.contexts())
+    for name in ("d0.example.com", "d1.example.com", "d2.example.com"):
+        assert serial_served(server_tls, name.encode()) == serials[name]
+    built = {name for name, pair in store.contexts().items() if pair.built}
+    assert built == {"d1.example.com", "d2.example.com"}
+    assert serial_served(server_tls, b"d0.example.com") == serials["d0.example.com"], "built again"
+
+
+def test_a_reread_of_unchanged_files_keeps_the_checked_pair(tmp_path):
+    config, _ = many_domains(tmp_path, 1)
+    store = CertificateStore(lambda: NOW)
+    first = store.load(config)["d0.example.com"].context
+    again = store.load(config, reread=True)["d0.example.com"].context
+    assert again is first, "the same bytes are not parsed again"
+    make_pair(tmp_path, "d0.example.com")
+    assert store.load(config, reread=True)["d0.example.com"].context is not first
