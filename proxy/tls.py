@@ -377,9 +377,7 @@ def parse_pair(data: tuple[bytes, bytes], fullchain_path: str, key_path: str) ->
         key = serialization.load_pem_private_key(data[1], None, unsafe_skip_rsa_key_validation=True)
     except (ValueError, TypeError) as e:
         raise CertificateLoadError(f"key file {key_path}: no usable private key in it ({e})")
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, public) != chain[0].public_key().public_bytes(der, public):
+    if key.public_key() != chain[0].public_key():
         raise CertificateLoadError(f"key {key_path} does not match certificate {fullchain_path}")
     pair = CertifiedKey(chain, key, (fullchain_path, key_path))
     pair.digest = pair_digest(data)
