@@ -40,11 +40,14 @@ from proxy.tls import upstream_tls_options
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 #: Idle connections kept per upstream: as many as a burst used, up to this.
 MAX_IDLE_CONNECTIONS = 512
-#: A connection idle this long is closed rather than reused (servers drop idle ones).
-IDLE_TIMEOUT = 60.0
 #: Platform endpoints move (DNS-based load balancing); no connection lives longer
 #: than about this, so new ones follow DNS.
 POOL_MAX_AGE = 180.0
+#: A connection idle this long is closed rather than reused. A server that closes an
+#: idle connection sooner is seen doing so (the connection leaves the pool), and one
+#: reused as it closes is retried once on a new connection; so idle connections are
+#: kept as long as connections live, and a burst after a quiet minute finds them warm.
+IDLE_TIMEOUT = POOL_MAX_AGE
 
 OUTCOMES = ("ok", "connect_error", "tls_error", "timeout", "reset")
 

@@ -740,3 +740,54 @@ def test_x_forwarded_for_from_a_trusted_peer_is_extended_not_replaced(
     assert https(trusting_proxy, ca, TRACK, fresh).status == 302
     assert upstream.only(extended).header("X-Forwarded-For") == "203.0.113.9, 127.0.0.1"
     assert upstream.only(fresh).header("X-Forwarded-For") == "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------
+# Framing on the wire (RFC 9112): what the parser refuses never goes upstream
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``data`` on a new plain connection; everything the proxy answers until it closes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"Transfer-Encoding: identity\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: " + POST.encode() + b"\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+        b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"Content-Length: +3\r\n\r\nabc",
+        b"X-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+    ],
+    ids=["cl-te", "te-identity-smuggle", "te-chunked-identity", "cl-twice", "cl-signed", "obs-fold", "chunk-bare-lf"],
+)
+def test_ambiguous_framing_gets_400_and_closes_and_nothing_reaches_the_platform(
+    proxy: ProxyProcess, stand_ins: tuple[UpstreamStandIn, ...], framing: bytes
+) -> None:
+    with nothing_forwarded(stand_ins):
+        answer = raw_exchange(proxy.http_port, b"POST /l HTTP/1.1\r\nHost: " + POST.encode() + b"\r\n" + framing)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert answer.count(b"HTTP/1.1 ") == 1, "one answer, then the connection closed"
+
+
+def test_pipelined_requests_are_answered_in_order(proxy: ProxyProcess, upstream: UpstreamStandIn) -> None:
+    paths = [tracking_path() for _ in range(3)]
+    data = b"".join(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (p.encode(), TRACK.encode()) for p in paths)
+    answer = raw_exchange(proxy.http_port, data + b"GET / HTTP/1.1\r\nHost: " + TRACK.encode()
+                          + b"\r\nConnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 302 ") == 4
+    seen = [r.path for r in upstream.requests if r.path in paths]
+    assert seen == paths, "forwarded one after the other, in order"

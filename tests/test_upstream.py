@@ -229,7 +229,7 @@ def test_an_answer_over_the_bound_is_refused_before_its_body():
 
 
 def test_connections_older_than_the_pool_age_or_idle_too_long_are_not_reused():
-    for wait in (IDLE_TIMEOUT, POOL_MAX_AGE):
+    for wait in {IDLE_TIMEOUT, POOL_MAX_AGE}:
         upstreams = Upstreams()
         first = get(upstreams)
         protocol, transport = upstreams.accept()
