@@ -31,19 +31,7 @@ def systemd_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
 
 def messages(sock: socket.socket, until: str, within: float = 10.0) -> list[dict[str, str]]:
     """Notifications received up to and including the first that has ``until`` (KEY=VALUE)."""
-    key, value = until.split("=", 1)
-    deadline = time.monotonic() + within
-    seen = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no {until} within {within}s; got {seen}")
-        sock.settimeout(remaining)
-        data = sock.recv(4096).decode()
-        fields = dict(line.split("=", 1) for line in data.splitlines())
-        seen.append(fields)
-        if fields.get(key) == value:
-            return seen
+    return [fields for _, _, fields in credentialed(sock, until, within)]
 
 
 def test_notifier_speaks_the_protocol_to_a_path_socket(systemd_socket: tuple[socket.socket, str]) -> None:
@@ -125,8 +113,11 @@ def test_the_running_proxy_notifies_ready_reloading_watchdog_and_stopping(
         proxy.stop()
 
 
-def credentialed(sock: socket.socket, until: str, within: float = 10.0) -> list[tuple[float, int, dict[str, str]]]:
-    """Like :func:`messages`, with each one's arrival time and sender PID (SO_PASSCRED)."""
+def credentialed(
+    sock: socket.socket, until: str, within: float = 10.0
+) -> list[tuple[float, int | None, dict[str, str]]]:
+    """Notifications received up to and including the first that has ``until``
+    (KEY=VALUE), each with its arrival time and, with SO_PASSCRED on, its sender's PID."""
     import struct
 
     key, value = until.split("=", 1)
@@ -138,8 +129,8 @@ def credentialed(sock: socket.socket, until: str, within: float = 10.0) -> list[
             raise TimeoutError(f"no {until} within {within}s; got {seen}")
         sock.settimeout(remaining)
         data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
-        pid = next(struct.unpack("3i", d)[0] for level, kind, d in ancillary
-                   if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+        pid = next((struct.unpack("3i", d)[0] for level, kind, d in ancillary
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
         fields = dict(line.split("=", 1) for line in data.decode().splitlines())
         seen.append((time.monotonic(), pid, fields))
         if fields.get(key) == value:
