@@ -3,9 +3,10 @@
 A worker serves the listening sockets its parent bound (or received from systemd) and
 handed down: it adopts them, serves them with its own :class:`~proxy.frontend.Frontend`
 (its own cache, pools and access log), and does what its parent asks over the control
-channel: ``reload`` (the parent's copy of the YAML text, so every process parses the
-same bytes), ``certificates`` (re-read what changed), ``metrics`` (its exposition) and
-``status`` (its cache and upstream counts). It runs no certbot, no admin listener and
+channel: ``start`` and ``reload`` (with the parent's copy of the YAML text: every
+process parses the same bytes, and a worker started after a crash serves what the
+others serve, not what the file on disk says now), ``certificates`` (re-read what
+changed), ``metrics`` (its exposition) and ``status`` (its cache and upstream counts). It runs no certbot, no admin listener and
 sends nothing to systemd. It stops on ``SIGTERM`` (answers under way go out first) and
 when its parent goes away.
 """
@@ -34,7 +35,6 @@ def _listener(text: str) -> tuple[str, int, int]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m proxy.worker")
-    parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--control", type=int, required=True, help="the control socket's fd")
     parser.add_argument("--listener", type=_listener, action="append", default=[],
@@ -43,16 +43,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 class Worker:
-    """Answers the parent's requests for one frontend."""
+    """Answers the parent's requests; serves once told to ``start``."""
 
-    def __init__(self, reactor: Any, frontend: Any, index: int) -> None:
+    def __init__(self, reactor: Any, index: int, listeners: Sequence[tuple[str, int, int]]) -> None:
         self._reactor = reactor
-        self.frontend = frontend
         self.index = index
+        self._listeners = list(listeners)
+        self.frontend: Any = None
         self.ports: list[Any] = []
 
     def handle(self, message: dict[str, Any]) -> object:
         op = message.get("op")
+        if op == "start":
+            return self._start(message["text"], message["path"])
+        if self.frontend is None:
+            raise ValueError(f"{op!r} before start")
         if op == "reload":
             return self._reload(message["text"], message["path"])
         if op == "certificates":
@@ -66,6 +71,25 @@ class Worker:
             cache, health = self.frontend.status()
             return {"cache": cache, "health": health}
         raise ValueError(f"unknown control request {op!r}")
+
+    def _start(self, text: str, path: str) -> dict[str, Any]:
+        """Build the frontend for the parent's config text, then serve the sockets."""
+        from proxy.access import load_or_create_key
+        from proxy.config import parse_config
+        from proxy.frontend import Frontend
+        from proxy.service import new_metrics, utc_now
+
+        if self.frontend is not None:
+            raise ValueError("started already")
+        config = parse_config(text, path)  # the parent accepted it: errors are not expected
+        self.frontend = Frontend(self._reactor, config, new_metrics(management=False), utc_now,
+                                 load_or_create_key(config.state_dir), in_worker=True)
+        for role, fd, family in self._listeners:
+            self.ports.append(self._reactor.adoptStreamPort(fd, family, self.frontend.factory_for(role)))
+            os.close(fd)  # Twisted keeps its own duplicate
+        self._listeners = []
+        self.frontend.start()
+        return {"ok": True, "pid": os.getpid()}
 
     def _reload(self, text: str, path: str) -> dict[str, Any]:
         from proxy.config import ConfigErrors, parse_config
@@ -90,6 +114,8 @@ class Worker:
         from twisted.internet import defer
 
         closing = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        if self.frontend is None:
+            return defer.gatherResults(closing, consumeErrors=True)
         drained = self.frontend.drain(self.frontend.config.limits.upstream_timeout + 1)
         drained.addCallback(lambda _: self.frontend.stop())
         return defer.gatherResults([*closing, drained], consumeErrors=True)
@@ -114,36 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reactor = install()
 
-    from proxy.access import load_or_create_key
-    from proxy.config import ConfigErrors, load_config
     from proxy.control import ChannelFactory, ControlChannel
-    from proxy.frontend import Frontend
     from proxy.logs import start_logging
-    from proxy.service import new_metrics, utc_now
 
     start_logging()
-    try:
-        config = load_config(args.config)
-    except ConfigErrors as e:
-        for error in e.errors:
-            print(error, file=sys.stderr)
-        return 1
-    frontend = Frontend(reactor, config, new_metrics(management=False), utc_now, load_or_create_key(config.state_dir),
-                        in_worker=True)
-    worker = Worker(reactor, frontend, args.index)
-    for role, fd, family in args.listener:
-        worker.ports.append(reactor.adoptStreamPort(fd, family, frontend.factory_for(role)))
-        os.close(fd)  # Twisted keeps its own duplicate
+    worker = Worker(reactor, args.index, args.listener)
     channel = ControlChannel(worker.handle, on_lost=worker.parent_gone)
     reactor.adoptStreamConnection(args.control, socket.AF_UNIX, ChannelFactory(channel))
     os.close(args.control)
-    frontend.start()
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
     # Ctrl-C in a terminal reaches the whole process group: the parent stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    channel.notify("ready", index=args.index, pid=os.getpid())
     reactor.run(installSignalHandlers=True)
-    frontend.flush_logs()
+    if worker.frontend is not None:
+        worker.frontend.flush_logs()
     return 0
 
 

@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from proxy import endpoints
 from proxy.cache import ResponseCache
 from proxy.certs import CertificateState, CertificateStore, ensure_self_signed
-from proxy.config import Config
+from proxy.config import Config, parse_config
 from proxy.control import ChannelFactory, ControlChannel, ControlError
 from proxy.frontend import build_runtime, report_certificates
 from proxy.health import HealthBook, health_document
@@ -81,15 +81,29 @@ class WorkerProcess(ProcessProtocol):
         self.channel = ControlChannel(self._handle, on_lost=self._channel_lost)
         self.became_ready: defer.Deferred = defer.Deferred()
         self.ended: defer.Deferred = defer.Deferred()
+        #: The config text it serves.
+        self.text: str | None = None
 
     def _handle(self, message: dict[str, Any]) -> object:
-        if message.get("op") == "ready":
+        raise ValueError(f"unknown request from worker {self.index}: {message.get('op')!r}")
+
+    def start(self, text: str, path: str, reactor: Any) -> None:
+        """Have it serve ``text`` (the config the parent serves); ready once it says so."""
+        self.text = text
+        d = self.channel.call("start", text=text, path=path)
+        d.addTimeout(READY_WITHIN, reactor)
+
+        def started(_: object) -> None:
             self.ready = True
             if not self.became_ready.called:
                 self.became_ready.callback(self)
             self._supervisor.worker_ready(self)
-            return None
-        raise ValueError(f"unknown request from worker {self.index}: {message.get('op')!r}")
+
+        def failed(failure: Failure) -> None:
+            log.error("worker {index} could not start: {error}", index=self.index, error=failure.getErrorMessage())
+            self.signal("KILL")  # its end is reported, and it is started again
+
+        d.addCallbacks(started, failed)
 
     def _channel_lost(self) -> None:
         self.ready = False
@@ -183,6 +197,11 @@ class Supervisor(Management):
         worker_command: Callable[[int, list[str]], list[str]] | None = None,
     ) -> None:
         super().__init__(reactor, config, now, notifier, new_metrics(serving=False))
+        # What the workers are given to serve: the text of the file as it was accepted
+        # (at start, at each reload), never what the file says now.
+        with open(config.path, encoding="utf-8") as f:
+            self._config_text = f.read()
+        self._config = parse_config(self._config_text, config.path)
         self.count = count
         self._worker_command = worker_command or (lambda index, args: [sys.executable, "-m", "proxy.worker", *args])
         self.certificates = CertificateStore(now)
@@ -230,7 +249,7 @@ class Supervisor(Management):
         worker = WorkerProcess(self, index)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds: dict[int, object] = {0: self._devnull, 1: 1, 2: 2, 3: child_end.fileno()}
-        args = ["--config", self.config.path, "--index", str(index), "--control", "3"]
+        args = ["--index", str(index), "--control", "3"]
         for number, (role, fd, family) in enumerate(self._shared, start=4):
             child_fds[number] = fd
             args += ["--listener", f"{role}:{number}:{_FAMILY_NAMES[family]}"]
@@ -245,11 +264,19 @@ class Supervisor(Management):
         worker.started_at = self._reactor.seconds()
         self._reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, ChannelFactory(worker.channel))
         parent_end.close()
+        worker.start(self._config_text, self.config.path, self._reactor)
         self.workers[index] = worker
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
         return worker
 
     def worker_ready(self, worker: WorkerProcess) -> None:
+        if worker.text != self._config_text:
+            # A reload was accepted while it was starting: it serves the same as the others.
+            d = worker.channel.call("reload", text=self._config_text, path=self.config.path)
+            d.addTimeout(ASK_WITHIN, self._reactor)
+            d.addCallbacks(lambda _, text=self._config_text: setattr(worker, "text", text),
+                           lambda f: log.warn("worker {index} missed a reload: {error}", index=worker.index,
+                                              error=f.getErrorMessage()))
         if self.ready:
             log.info("worker {index} serving (pid {pid})", index=worker.index, pid=worker.pid)
 
@@ -348,6 +375,7 @@ class Supervisor(Management):
         except (OSError, ValueError) as e:
             self.notifier.ready(self._summary())
             return defer.succeed(self._reload_refused([f"{config.path}: {e}"]))
+        asked = self._serving()
         d = self._ask("reload", text=text, path=config.path)
         # The parent's own view of the certificates, re-read while the workers re-read theirs.
         previous = self.certificates.states
@@ -360,6 +388,10 @@ class Supervisor(Management):
                 self.certificates.load(self.config)  # back to the file the workers still serve
                 return self._reload_refused(errors)
             report_certificates(previous, mine)
+            self._config_text = text
+            for worker in asked:
+                if worker.index in answers:
+                    worker.text = text
             self._accept_reload(config)
             self._update_renewals()
             if missing:

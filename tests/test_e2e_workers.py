@@ -156,6 +156,24 @@ def test_status_is_one_document_for_the_whole_proxy(proxy):
     assert document["domains"][TRACK]["upstream_health"]["failed_ratio_5m"] == 0.0
 
 
+def test_a_replaced_worker_serves_the_accepted_config_not_the_file_on_disk(proxy):
+    good = proxy.config_path.read_text()
+    proxy.config_path.write_text("this: [is not a config\n")  # an edit not reloaded (yet)
+    try:
+        victim = min(children(proxy.process.pid))
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            now = children(proxy.process.pid)
+            return len(now) == 2 and victim not in now
+
+        poll(replaced, 20, "a replacement worker")
+        poll(lambda: request(proxy.admin_port, None, "/healthz").status == 200, 20, "healthy again")
+        served_by_both(proxy, TRACK)
+    finally:
+        proxy.config_path.write_text(good)
+
+
 def test_a_worker_killed_is_replaced_and_the_port_keeps_answering(proxy):
     workers = children(proxy.process.pid)
     victim = min(workers)
