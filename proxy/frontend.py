@@ -35,7 +35,7 @@ from proxy.forward import Router
 from proxy.health import HealthBook
 from proxy.metrics import Metrics
 from proxy.server import HTTPFactory
-from proxy.tls import CountingTLSFactory, ServerTLS
+from proxy.tls import SESSION_KEY_LIFETIME, CountingTLSFactory, ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
 
 log = Logger(namespace="trackproxy.service")
@@ -148,6 +148,7 @@ class Frontend:
         metrics.watch_connections("http", lambda: self.http_factory.open_connections)
         metrics.watch_connections("https", lambda: self.https_factory.open_connections)
         self._rotation: LoopingCall | None = None
+        self._session_keys: LoopingCall | None = None
         self.load_certificates(config)
 
     @property
@@ -201,8 +202,11 @@ class Frontend:
     # ------------------------------------------------------------------ life
 
     def start(self) -> None:
-        """Start what runs on a schedule (pool rotation)."""
+        """Start what runs on a schedule: pool rotation, session-ticket key rotation."""
         self._rotation = rotate_every(self._reactor, lambda: list(self.runtime.clients.values()))
+        self._session_keys = LoopingCall(self.server_tls.rotate_session_keys)
+        self._session_keys.clock = self._reactor
+        self._session_keys.start(SESSION_KEY_LIFETIME, now=False)
 
     def status(self) -> tuple[dict[str, int], dict[str, dict]]:
         """Per domain: cache entries, and upstream health counts (for ``/status``)."""
@@ -238,8 +242,9 @@ class Frontend:
 
     def stop(self) -> defer.Deferred:
         """Stop the schedule, close idle upstream connections, write held log lines."""
-        if self._rotation is not None and self._rotation.running:
-            self._rotation.stop()
+        for loop in (self._rotation, self._session_keys):
+            if loop is not None and loop.running:
+                loop.stop()
         closing = [c.close() for c in self.runtime.clients.values()]
         self.flush_logs()
         return defer.gatherResults(closing, consumeErrors=True)

@@ -1,14 +1,22 @@
 """TLS policy on both sides: the SNI map that serves client handshakes, and upstream trust.
 
-Server side: one default :class:`OpenSSL.SSL.Context` for the life of the process carries
-every security setting (TLS 1.2 minimum, modern ciphers, no compression, session cache
-and tickets) and a server-name callback. The callback looks the client's SNI up in a
-``name -> Context`` mapping and switches the connection to that domain's context, which
-carries only a certificate and key. OpenSSL keeps protocol range, ciphers and session
-keys from the initial context, so settings live in one place and resumption keeps
-working across certificate swaps. A name that is not in the mapping (or no SNI at all)
-makes the callback raise, which pyOpenSSL turns into a fatal ``unrecognized_name`` alert:
-no certificate is ever served for a name that is not configured.
+Server side: a default :class:`OpenSSL.SSL.Context` carries the session cache, the
+session-ticket keys and a server-name callback. The callback looks the client's SNI up
+in a ``name -> Context`` mapping and switches the connection to that domain's context.
+Every context, default and domain, is made by :func:`server_context` with the whole
+policy (TLS 1.2 minimum, Mozilla "intermediate" ciphers, no compression, no
+renegotiation): OpenSSL takes some settings from the initial context and some (the
+cipher list) from the one switched to. Session keys stay with the default context, so
+resumption keeps working across certificate swaps. A name that is not in the mapping
+(or no SNI at all) makes the callback raise, which pyOpenSSL turns into a fatal
+``unrecognized_name`` alert: no certificate is ever served for a name that is not
+configured.
+
+Session tickets: OpenSSL makes random ticket keys for each default context and
+pyOpenSSL offers no way to set or rotate them, so the default context itself is
+replaced every :data:`SESSION_KEY_LIFETIME` (:meth:`ServerTLS.rotate_session_keys`):
+tickets (and cached sessions) older than that no longer resume, and a full handshake
+follows. Keys are per process (each worker has its own).
 
 The mapping is replaced whole (:meth:`ServerTLS.set_contexts`), never mutated: a reload
 builds every context first and then swaps one reference. Open connections keep the
@@ -40,6 +48,8 @@ from twisted.protocols.tls import _representsEOF as represents_eof
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+#: How long one set of session-ticket keys (and the session cache) is used.
+SESSION_KEY_LIFETIME = 12 * 3600.0
 #: Contexts kept built at once (each tens of KiB); past this the least recently used is
 #: dropped and built again at its name's next handshake (about 0.2 ms).
 MAX_BUILT_CONTEXTS = 1000
@@ -104,15 +114,7 @@ class ServerTLS:
         install_quiet_excepthook()
 
     def _build_default_context(self) -> SSL.Context:
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        ctx.set_options(
-            SSL.OP_NO_COMPRESSION
-            | SSL.OP_CIPHER_SERVER_PREFERENCE
-            | SSL.OP_NO_RENEGOTIATION
-        )
-        ctx.set_cipher_list(_TLS12_CIPHERS)
-        ctx.set_session_id(_SESSION_ID_CONTEXT)
+        ctx = server_context()
         ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
         ctx.set_tlsext_servername_callback(self._on_server_name)
         return ctx
@@ -145,6 +147,10 @@ class ServerTLS:
             _, oldest = recent.popitem(last=False)
             oldest.forget()  # connections using it keep it; the next handshake rebuilds
         return context
+
+    def rotate_session_keys(self) -> None:
+        """New handshakes from a new default context: fresh ticket keys and cache."""
+        self._default = self._build_default_context()
 
     def set_contexts(self, contexts: Mapping[str, SSL.Context | CertifiedKey]) -> None:
         """Serve new handshakes from ``contexts`` (contexts, or checked pairs whose
@@ -320,9 +326,26 @@ class CertifiedKey:
         self._context = None
 
 
-def _context_for(chain: list[x509.Certificate], key: object) -> SSL.Context:
+def server_context() -> SSL.Context:
+    """A server context with the whole policy: TLS 1.2 minimum, Mozilla "intermediate"
+    TLS 1.2 suites (ECDHE with AES-GCM or ChaCha20-Poly1305), no compression, no
+    renegotiation, the shared session-id context.
+
+    Every context gets all of it, the default one and each domain's: after the
+    server-name callback switches a connection to a domain's context, OpenSSL takes
+    the cipher list from the new context (a domain context with OpenSSL's defaults
+    had offered CBC suites on TLS 1.2).
+    """
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_cipher_list(_TLS12_CIPHERS)
     ctx.set_session_id(_SESSION_ID_CONTEXT)
+    return ctx
+
+
+def _context_for(chain: list[x509.Certificate], key: object) -> SSL.Context:
+    ctx = server_context()
     ctx.use_certificate(chain[0])
     for extra in chain[1:]:
         ctx.add_extra_chain_cert(extra)
@@ -409,8 +432,7 @@ def context_for_files(fullchain_path: str, key_path: str) -> SSL.Context:
             raise CertificateLoadError(f"{what} file {path} does not exist")
         if not os.access(path, os.R_OK):
             raise CertificateLoadError(f"{what} file {path} is not readable")
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_session_id(_SESSION_ID_CONTEXT)
+    ctx = server_context()
     try:
         ctx.use_certificate_chain_file(fullchain_path)
     except SSL.Error as e:

@@ -181,7 +181,7 @@ def served_tls(tmp_path) -> ServerTLS:
     return server_tls
 
 
-@pytest.mark.parametrize("cipher", [b"AES128-SHA", b"AES256-SHA256", b"ECDHE-RSA-AES128-SHA", b"DES-CBC3-SHA"])
+@pytest.mark.parametrize("cipher", [b"AES128-SHA", b"AES256-SHA256", b"ECDHE-RSA-AES128-SHA", b"DES-CBC3-SHA", b"ECDHE-ECDSA-AES128-SHA", b"ECDHE-ECDSA-AES256-SHA", b"ECDHE-ECDSA-AES128-SHA256", b"ECDHE-ECDSA-AES256-SHA384"])
 def test_tls12_clients_offering_only_legacy_ciphers_are_refused(tmp_path, cipher):
     server_tls = served_tls(tmp_path)
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -255,3 +255,45 @@ def test_a_reread_of_unchanged_files_keeps_the_checked_pair(tmp_path):
     assert again is first, "the same bytes are not parsed again"
     make_pair(tmp_path, "d0.example.com")
     assert store.load(config, reread=True)["d0.example.com"].context is not first
+
+
+def complete_handshake(server_tls, client_ctx, session=None):
+    """A TLS 1.2 handshake pumped to its end in memory; the client connection."""
+    client = SSL.Connection(client_ctx, None)
+    client.set_tlsext_host_name(b"a.example.com")
+    if session is not None:
+        client.set_session(session)
+    client.set_connect_state()
+    server = server_tls.serverConnectionForTLS(None)
+    server.set_accept_state()
+    done = {id(client): False, id(server): False}
+    for _ in range(20):
+        for a, b in ((client, server), (server, client)):
+            if not done[id(a)]:
+                try:
+                    a.do_handshake()
+                    done[id(a)] = True
+                except SSL.WantReadError:
+                    pass
+            while True:
+                try:
+                    b.bio_write(a.bio_read(65536))
+                except SSL.WantReadError:
+                    break
+        if all(done.values()):
+            return client
+    raise AssertionError("handshake did not complete")
+
+
+def test_session_keys_are_replaced_and_old_sessions_no_longer_resume(tmp_path):
+    server_tls = served_tls(tmp_path)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    first = complete_handshake(server_tls, ctx)
+    session = first.get_session()
+    # TLS 1.2: a resumed session keeps its master secret; a full handshake makes a new one.
+    again = complete_handshake(server_tls, ctx, session)
+    assert again.master_key() == first.master_key(), "resumed before the rotation"
+    server_tls.rotate_session_keys()
+    after = complete_handshake(server_tls, ctx, session)
+    assert after.master_key() != first.master_key(), "a ticket from the previous keys does not resume"
