@@ -158,12 +158,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     reactor = install()
     from twisted.logger import Logger
 
-    from proxy.logs import start_logging
+    from twisted.internet.task import LoopingCall
+
+    from proxy.logs import raise_open_files_limit, start_logging
     from proxy.service import ProxyService
     from proxy.systemd import Notifier
     from proxy.workers import Supervisor, worker_count
 
-    start_logging()
+    raise_open_files_limit()
+    shortage = start_logging()
+    watch = LoopingCall(shortage.tick)
+    watch.clock = reactor
+    watch.start(1.0, now=False)
     log = Logger(namespace="trackproxy.cli")
     workers = worker_count(config)
     try:

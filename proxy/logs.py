@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     ILogFilterPredicate,
     ILogObserver,
     PredicateResult,
@@ -67,10 +68,85 @@ class QuietLegacyInfo:
         return PredicateResult.maybe
 
 
-def start_logging(stream: IO[str] | None = None, level: LogLevel = LogLevel.info) -> None:
-    """Send every event at ``level`` or above to ``stream`` (standard output)."""
+@implementer(ILogFilterPredicate)
+class DescriptorShortage:
+    """One warning when the process runs out of file descriptors, one line when it has
+    them again, instead of Twisted's lines for every connection it accepts and closes
+    meanwhile (``EMFILE``: it keeps a spare descriptor to accept and close new clients,
+    so they are refused at once instead of waiting).
+
+    :meth:`tick` (every few seconds) notices the end of a shortage.
+    """
+
+    #: No EMFILE for this long: the shortage is over.
+    QUIET = 3.0
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._clock = clock
+        self.since: float | None = None
+        self._last = 0.0
+        self.closed = 0
+        self._log = Logger(namespace="trackproxy.limits")
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        text = event.get("log_format") or ""
+        if "EMFILE" not in text:
+            return PredicateResult.maybe
+        self._last = self._clock()
+        if text.startswith("EMFILE recovery: Closed socket"):
+            self.closed += 1
+        if self.since is not None:
+            return PredicateResult.no
+        self.since = self._last
+        event["log_format"] = (
+            "out of file descriptors (the limit is {limit}): new connections are closed at once "
+            "until some are free"
+        )
+        event["limit"] = _open_files_limit()
+        event["log_level"] = LogLevel.warn
+        return PredicateResult.yes
+
+    def tick(self) -> None:
+        if self.since is not None and self._clock() - self._last > self.QUIET:
+            self._log.warn(
+                "file descriptors available again after {seconds:.0f}s; {closed} connections were "
+                "closed meanwhile", seconds=self._last - self.since, closed=self.closed,
+            )
+            self.since = None
+            self.closed = 0
+
+
+def _open_files_limit() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's descriptor limit to what it may (a connection is one, a
+    proxied one two; the soft limit is often 1024). Returns the limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def start_logging(
+    stream: IO[str] | None = None, level: LogLevel = LogLevel.info, clock: Any = None
+) -> DescriptorShortage:
+    """Send every event at ``level`` or above to ``stream`` (standard output); the
+    shortage filter is returned for its :meth:`~DescriptorShortage.tick`."""
+    shortage = DescriptorShortage(clock or time.time)
     observer = FilteringLogObserver(
         JSONLineObserver(stream or sys.stdout),
-        [LogLevelFilterPredicate(defaultLogLevel=level), QuietLegacyInfo()],
+        [shortage, LogLevelFilterPredicate(defaultLogLevel=level), QuietLegacyInfo()],
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    return shortage

@@ -183,6 +183,7 @@ class HTTPServerProtocol(Protocol):
     def connectionLost(self, reason: object = None) -> None:
         self.factory.open_connections -= 1
         self.factory.protocols.discard(self)
+        self.factory.idle.pop(self, None)
         self._cancel_timer()
         self._closing = True
         self.current = None
@@ -238,6 +239,7 @@ class HTTPServerProtocol(Protocol):
     # httptools callbacks: each fills the request being parsed.
 
     def on_message_begin(self) -> None:
+        self.factory.idle.pop(self, None)
         request = IncomingRequest(self)
         request.scheme = self.factory.scheme
         request.peer = self._peer
@@ -356,6 +358,8 @@ class HTTPServerProtocol(Protocol):
                 self._close()
                 return
             self._start_timer()  # keep-alive: the next request's deadline starts now
+            if self._parsing is None:
+                self.factory.idle[self] = None  # a candidate to close if the listener is full
         self._dispatch()
 
     def _refuse(self, answer: bytes) -> None:
@@ -381,6 +385,7 @@ class HTTPServerProtocol(Protocol):
             return
         self._closing = True
         self._queue.clear()
+        self.factory.idle.pop(self, None)
         transport = self.transport
         if self._producing:
             self._producing = False
@@ -469,6 +474,8 @@ class HTTPFactory(Factory):
         self.limit = limit
         self.open_connections = 0
         self.protocols: set[HTTPServerProtocol] = set()
+        #: Kept-alive connections waiting for their next request, oldest first.
+        self.idle: dict[HTTPServerProtocol, None] = {}
         self.draining = False
 
     def drain(self) -> None:
@@ -484,9 +491,19 @@ class HTTPFactory(Factory):
                 protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
     def at_limit(self) -> bool:
-        return self.open_connections >= self.limit
+        """Whether a new connection must be refused. At the limit, the connection that
+        has waited longest for its next request is closed to make room, as nginx does:
+        a new client matters more than an idle one (only connections in the middle of a
+        request, bounded by ``client_timeout``, make the listener refuse)."""
+        if self.open_connections < self.limit:
+            return False
+        if self.idle:
+            oldest = next(iter(self.idle))
+            oldest._close()  # leaves self.idle at once; counted until its close completes
+            return self.open_connections >= self.limit + len(self.protocols) // 100 + 16
+        return True
 
     def buildProtocol(self, addr: object) -> HTTPServerProtocol | None:
-        if self.open_connections >= self.limit:
+        if self.at_limit():
             return None
         return HTTPServerProtocol(self)

@@ -251,8 +251,8 @@ class CountingTLSProtocol(TLSMemoryBIOProtocol):
 class CountingTLSFactory(TLSMemoryBIOFactory):
     """The HTTPS listener's TLS layer: :class:`CountingTLSProtocol` connections.
 
-    A wrapped factory with an ``at_limit()`` (``server.HTTPFactory``) caps the
-    listener's connections here, before any TLS state is made for them.
+    The wrapped factory (``server.HTTPFactory``) may refuse a connection (the
+    listener's cap): then no TLS state is made for it either.
     """
 
     protocol = CountingTLSProtocol
@@ -267,10 +267,11 @@ class CountingTLSFactory(TLSMemoryBIOFactory):
         return len(self.protocols)
 
     def buildProtocol(self, addr: object) -> object:
-        at_limit = getattr(self.wrappedFactory, "at_limit", None)
-        if at_limit is not None and at_limit():
+        # WrappingFactory's, but the wrapped factory may refuse (its connection cap).
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:
             return None
-        return super().buildProtocol(addr)
+        return self.protocol(self, inner)
 
 
 class CertificateLoadError(Exception):

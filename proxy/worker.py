@@ -140,10 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reactor = install()
 
-    from proxy.control import ChannelFactory, ControlChannel
-    from proxy.logs import start_logging
+    from twisted.internet.task import LoopingCall
 
-    start_logging()
+    from proxy.control import ChannelFactory, ControlChannel
+    from proxy.logs import raise_open_files_limit, start_logging
+
+    raise_open_files_limit()
+    shortage = start_logging()
+    watch = LoopingCall(shortage.tick)
+    watch.clock = reactor
+    watch.start(1.0, now=False)
     worker = Worker(reactor, args.index, args.listener)
     channel = ControlChannel(worker.handle, on_lost=worker.parent_gone)
     reactor.adoptStreamConnection(args.control, socket.AF_UNIX, ChannelFactory(channel))

@@ -279,3 +279,29 @@ def test_a_kept_alive_connection_registers_for_back_pressure_after_its_first_ans
     assert transport.producer is protocol and transport.streaming
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert transport.producer is None, "unregistered before closing"
+
+
+def test_at_the_limit_the_longest_idle_connection_makes_room_for_a_new_one():
+    handler = Handler()
+    clock = Clock()
+    factory = HTTPFactory(handler, b"http", TIMEOUT, 2048, clock, limit=3)
+    opened = []
+    for _ in range(3):
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        opened.append((protocol, transport))
+    opened[0][0].dataReceived(GET % b"1")  # now idle on keep-alive, the oldest to be so
+    opened[1][0].dataReceived(GET % b"2")
+    opened[2][0].dataReceived(b"GET /3 HTTP/1.1\r\n")  # in the middle of a request
+    assert factory.buildProtocol(None) is not None, "room was made"
+    assert opened[0][1].disconnecting and not opened[1][1].disconnecting and not opened[2][1].disconnecting
+
+
+def test_at_the_limit_with_no_idle_connection_new_ones_are_refused():
+    factory = HTTPFactory(Handler(hold=True), b"http", TIMEOUT, 2048, Clock(), limit=2)
+    for _ in range(2):
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(GET % b"busy")
+    assert factory.buildProtocol(None) is None
