@@ -26,10 +26,13 @@ import tempfile
 from collections.abc import Callable, Mapping
 
 import attrs
+from twisted.logger import Logger
 
 from proxy import pki
 from proxy.config import Config, Domain
 from proxy.tls import CertificateLoadError, CertifiedKey, load_pair, pair_digest, parse_pair, read_pair
+
+_log = Logger(namespace="trackproxy.certs")
 
 STATUSES = ("inactive", "pending", "valid", "expired", "failed", "unavailable")
 #: Where ACME attempts are remembered across restarts, in ``state_dir``.
@@ -132,7 +135,14 @@ class CertificateStore:
         states: dict[str, CertificateState] = {}
         for domain in config.domains.values():
             if domain.certificate.kind == "self-signed" and self._make_self_signed:
-                ensure_self_signed(config, domain, self._now())
+                try:
+                    ensure_self_signed(config, domain, self._now())
+                except OSError as e:
+                    # A full or read-only state_dir: what is there (if anything) serves.
+                    states[domain.name] = self._refused(
+                        config, domain, f"cannot write its self-signed certificate: {e.strerror or e}"
+                    )
+                    continue
             states[domain.name] = self._load_domain(config, domain, reread)
         self._states = states
         return dict(states)
@@ -168,6 +178,17 @@ class CertificateStore:
             domain.name, source, "valid", context=context, not_after=context.not_after, files=fingerprint
         )
         return attrs.evolve(state, status=self._status_for(context.not_after, state))
+
+    def _refused(self, config: Config, domain: Domain, reason: str) -> CertificateState:
+        """The domain's state when something kept it from being loaded: what served
+        before still serves, or what is on disk, with ``reason`` as ``last_error``."""
+        previous = self._states.get(domain.name)
+        if previous is not None and previous.context is not None and previous.source == domain.certificate.source:
+            return attrs.evolve(previous, last_error=reason)
+        state = self._load_domain(config, domain, reread=False)
+        if state.context is not None:
+            return attrs.evolve(state, last_error=reason)
+        return attrs.evolve(state, status="failed", last_error=reason)
 
     def _status_for(self, not_after: datetime.datetime | None, state: CertificateState) -> str:
         if state.context is None:
@@ -255,6 +276,8 @@ class AcmeRecords:
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, STATUS_FILE)
         self._records: dict[str, AcmeRecord] = self._read()
+        #: Why the last write failed (None: it did not).
+        self.write_error: str | None = None
 
     def _read(self) -> dict[str, AcmeRecord]:
         try:
@@ -285,8 +308,16 @@ class AcmeRecords:
             self._write()
 
     def _write(self) -> None:
+        """Write through; a full or read-only ``state_dir`` keeps the records in memory
+        (the back-off still holds until a restart) and says why once per change."""
         body = {"domains": {d: attrs.asdict(r) for d, r in sorted(self._records.items())}}
-        write_atomically(self.path, json.dumps(body, indent=2).encode("utf-8") + b"\n", mode=0o644)
+        try:
+            write_atomically(self.path, json.dumps(body, indent=2).encode("utf-8") + b"\n", mode=0o644)
+        except OSError as e:
+            self.write_error = f"cannot write {self.path}: {e.strerror or e}"
+            _log.error("ACME records kept in memory only: {error}", error=self.write_error)
+        else:
+            self.write_error = None
 
 
 def _record_from(entry: dict) -> AcmeRecord:

@@ -24,6 +24,7 @@ import datetime
 import os
 from collections.abc import Callable, Mapping
 
+import attrs
 from prometheus_client import CollectorRegistry, ProcessCollector
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -178,12 +179,14 @@ class Management:
         config = self.config
         now = self._now()
         views = {}
+        write_error = self.renewals.records.write_error
         for name, state in self.certificate_states().items():
             acme = config.domains[name].certificate.kind == "acme" if name in config.domains else False
             record = self.renewals.records.get(name) if acme else None
-            views[name] = describe(
-                state, record, config.acme.renew_before, now, in_progress=self.renewals.running == name
-            )
+            view = describe(state, record, config.acme.renew_before, now, in_progress=self.renewals.running == name)
+            if acme and write_error and view.last_error is None:
+                view = attrs.evolve(view, last_error=write_error)  # what a restart would forget
+            views[name] = view
         return views
 
     def status_document(self, cache_counts: Mapping[str, int], health: Mapping[str, dict]) -> dict:
