@@ -263,3 +263,40 @@ def test_a_restart_remembers_a_failure_and_its_back_off(
             assert f"requesting a certificate for {ELSEWHERE}" not in proxy.log_tail(200)
         finally:
             proxy.stop()
+
+
+def test_certbot_killed_in_the_middle_leaves_nothing_half_loaded_and_the_next_attempt_recovers(
+    tmp_path: Path, ca: LocalCA, upstream: UpstreamStandIn
+) -> None:
+    import signal
+
+    from support import children
+
+    require_pebble()
+    with Pebble(tmp_path / "pebble", http_port=free_port()) as pebble:
+        config = acme_config(pebble, ca, upstream, {GOOD: {"certificate": "acme"}})
+        proxy = start_proxy(tmp_path / "proxy", config, http_port=pebble.http_port)
+        try:
+            challenges = proxy.state_dir / "acme-challenge"
+            # certbot is validating (its answer is on disk): kill it there.
+            poll(lambda: any(challenges.iterdir()), ISSUANCE_WITHIN, "certbot's challenge answer", interval=0.02)
+            certbot = [pid for pid in children(proxy.process.pid)
+                       if b"certbot" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            assert certbot, "the proxy's certbot"
+            os.kill(certbot[0], signal.SIGKILL)
+            crashed = poll(lambda: (c := certificate(proxy, GOOD))["status"] != "pending" and c, 30,
+                           "the crashed attempt recorded", interval=0.1)
+            assert crashed["status"] == "failed" and crashed["last_error"], crashed
+            deployed = proxy.state_dir / "certs" / GOOD
+            assert not (deployed / "fullchain.pem").exists(), "nothing was installed"
+            assert not any(p.name.startswith(".tmp") for p in proxy.state_dir.rglob("*"))
+
+            # The next attempt (an operator's, the proxy's waits out its back-off) recovers.
+            again = run_trackproxy("certs", "-c", str(proxy.config_path), "issue", GOOD)
+            assert again.returncode == 0, again.stdout + again.stderr
+            roots = pebble_roots(pebble, tmp_path)
+            assert poll(lambda: certificate(proxy, GOOD)["status"] == "valid", 20, "valid after the retry")
+            assert GOOD in served_certificate(proxy, GOOD, roots).subject.rfc4514_string()
+            assert sorted(p.name for p in deployed.iterdir()) == ["fullchain.pem", "privkey.pem"]
+        finally:
+            proxy.stop()
