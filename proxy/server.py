@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 
 import httptools
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -145,7 +145,7 @@ class IncomingRequest:
 Finished = Callable[[IncomingRequest], None]
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class HTTPServerProtocol(Protocol):
     """One client connection (plain TCP, or inside ``tls.CountingTLSProtocol``)."""
 
@@ -393,6 +393,21 @@ class HTTPServerProtocol(Protocol):
         transport.loseConnection()  # type: ignore[union-attr]
         self._cancel_timer()
         self._timer = self.factory.clock.callLater(LINGER, self._timed_out)
+
+    def readConnectionLost(self) -> None:
+        """The client is done sending (a TCP half-close, as ``nc -N`` does): what it sent
+        whole is answered, then the connection ends."""
+        if self._closing:
+            return
+        self._parser = _NoParser()  # type: ignore[assignment]
+        self._parsing = None
+        if self.current is None and not self._queue:
+            self._close()
+        else:
+            self._close_after_current = True
+
+    def writeConnectionLost(self) -> None:
+        self._closing = True
 
     def drain(self) -> None:
         """Stopping: close now if idle, else once the answer under way is out."""

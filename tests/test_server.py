@@ -305,3 +305,14 @@ def test_at_the_limit_with_no_idle_connection_new_ones_are_refused():
         protocol.makeConnection(StringTransport())
         protocol.dataReceived(GET % b"busy")
     assert factory.buildProtocol(None) is None
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer():
+    handler = Handler(hold=True)
+    protocol, transport, _, _ = connection(handler)
+    protocol.dataReceived(GET % b"1" + GET % b"2")
+    protocol.readConnectionLost()
+    assert not transport.disconnecting, "answers are owed"
+    Handler.answer(handler.seen[0])
+    Handler.answer(handler.seen[1])
+    assert statuses(transport.value()) == [200, 200] and transport.disconnecting
