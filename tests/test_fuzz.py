@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import socket
+import re
 import string
 
 import pytest
@@ -48,7 +49,8 @@ trees = st.recursive(
 
 
 def check_located(text: str, errors: ConfigErrors) -> None:
-    lines = text.count("\n") + 1
+    # YAML's line breaks: CR LF, CR, LF, NEL, LS, PS (a lone CR or an LS ends a line too).
+    lines = len(re.split("\r\n|[\r\n\x85\u2028\u2029]", text))
     assert errors.errors
     for error in errors.errors:
         assert 1 <= error.line <= lines + 1 and error.column >= 1, error
@@ -157,7 +159,12 @@ mutations = st.one_of(
 )
 
 
+#: How many raw requests the fuzzer sent (for the figure the last test prints).
+SENT = [0]
+
+
 def exchange(port: int, data: bytes) -> bytes:
+    SENT[0] += 1
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         try:
             sock.sendall(data)
@@ -191,3 +198,5 @@ def test_after_the_fuzzing_the_proxy_serves_and_logged_no_traceback(fuzzed, upst
         b"HTTP/1.1 302 ")
     log = fuzzed.log_path.read_text()
     assert "Traceback" not in log and '"level": "critical"' not in log
+    print(f"FIGURE fuzzing: {SENT[0]:,} mutated raw requests: no 500, none upstream for another host, "
+          "no traceback, still serving")
