@@ -175,6 +175,11 @@ def test_each_platform_fault_is_answered_in_time_counted_and_leaves_nothing_behi
     # Nothing left open: the upstream connection of the fault is gone, and so are ours.
     poll(lambda: descriptors(proxy) <= baseline, 10, f"the proxy's descriptors back to {baseline}")
     poll(lambda: platform.open <= 1, 10, "the faulty platform's connections closed (but the pooled one)")
+    fault = path.split("/")[2] if path.startswith("/fault/") else domain.split(".")[0]
+    fault = {"reset": "reset mid-answer", "truncate": "truncated body", "garbage": "garbage for HTTP",
+             "stall": "TLS then stall", "drip": "a byte at a time", "wrong": "wrong certificate name",
+             "expired": "expired certificate", "refused": "connection refused"}[fault]
+    print(f"FIGURE faults: {fault}: {status} in {elapsed:.2f}s, outcome {outcome}, nothing left open")
 
 
 def test_a_healthy_answer_still_flows_after_every_fault(proxy):

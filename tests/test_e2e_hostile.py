@@ -99,6 +99,9 @@ def test_two_hundred_slow_clients_are_all_cut_at_client_timeout(proxy, upstream,
             sock.close()
     assert elapsed < CLIENT_TIMEOUT + 3, f"the last was cut after {elapsed:.1f}s"
     assert len(upstream.requests) == before
+    stage = "request line" if b"\r\n" not in start else "headers" if b"\r\n\r\n" not in start else "body"
+    print(f"FIGURE hostile: 200 clients dripping the {stage}: all cut {elapsed:.1f}s after their first byte "
+          f"(client_timeout {CLIENT_TIMEOUT:g}s), nothing forwarded")
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])

@@ -286,7 +286,7 @@ def test_replaced_certificate_files_are_picked_up_without_reload_by_the_periodic
     assert proxy.process.poll() is None
 
 
-@pytest.mark.parametrize("breakage", ["garbage", "mismatched key"])
+@pytest.mark.parametrize("breakage", ["garbage", "truncated", "mismatched key"])
 def test_a_broken_certificate_file_is_refused_the_previous_one_keeps_serving_and_a_fixed_one_clears_last_error(
     proxy: ProxyProcess, ca: LocalCA, tmp_path: Path, breakage: str
 ) -> None:
@@ -294,6 +294,9 @@ def test_a_broken_certificate_file_is_refused_the_previous_one_keeps_serving_and
     pem = proxy.config_path.parent / "own.pem"
     if breakage == "garbage":
         replace_file(pem, b"this is not a certificate\n")
+    elif breakage == "truncated":  # a copy cut short: the PEM ends inside its base64
+        whole = pem.read_bytes()
+        replace_file(pem, whole[: len(whole) // 2])
     else:
         # A valid certificate for the name, but for another key than own.key.
         other_cert, _ = keep_pair(ca, OWN, tmp_path / "other")

@@ -101,6 +101,7 @@ def test_a_hundred_reloads_good_and_broken_under_traffic_fail_no_request(tmp_pat
         load.stop()
         assert outcomes == [200, 422] * 50
         assert load.failed == [] and load.ok >= 200, (load.ok, load.failed[:5])
+        print(f"FIGURE under load: 100 reloads (50 refused) under {load.ok:,} requests, {len(load.failed)} failed")
     finally:
         proxy.stop()
 
@@ -142,6 +143,8 @@ def test_twenty_certificate_replacements_fail_no_handshake(tmp_path, ca: LocalCA
         load.stop()
         assert load.failed == [], load.failed[:5]
         assert len(serials) > 10, "the replacements were served"
+        print(f"FIGURE under load: 20 certificate replacements under {load.ok:,} new TLS connections, "
+              f"{len(load.failed)} failed handshakes")
     finally:
         proxy.stop()
 
@@ -175,5 +178,7 @@ def test_a_worker_killed_under_load_fails_only_its_requests_in_flight(tmp_path, 
         assert load.ok > 50
         assert failed_at_kill <= threads, f"more than the requests in flight failed: {load.failed}"
         assert len(load.failed) == failed_at_kill, "nothing failed after the kill"
+        print(f"FIGURE under load: a worker killed under {load.ok:,} requests, {failed_at_kill} failed "
+              f"(in flight on it, at most {threads}), 0 after")
     finally:
         proxy.stop()
