@@ -29,6 +29,29 @@ def test_listening_ports_wake_one_process_per_connection():
         port.stopListening()
 
 
+def test_a_listening_port_accepts_one_connection_per_turn():
+    """Workers sharing a socket: a burst of connections is not all taken by one of them."""
+    reactor = SharedListenerReactor()
+    accepted: list[Protocol] = []
+
+    class Counted(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Counted), interface="127.0.0.1")
+    clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(3)]
+    try:
+        for turn in (1, 2, 3):
+            port.doRead()  # what the reactor calls when the socket is readable
+            assert len(accepted) == turn
+    finally:
+        for client in clients:
+            client.close()
+        for protocol in accepted:
+            protocol.transport.abortConnection()
+        port.stopListening()
+
+
 def test_a_write_to_an_idle_socket_is_sent_at_once_without_the_reactor():
     reactor = SharedListenerReactor()
     ours, theirs = socket.socketpair()
