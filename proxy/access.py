@@ -22,7 +22,9 @@ import secrets
 import time
 from typing import IO, Any
 
-KEY_FILE = "access-log.key"
+from proxy import statedir
+
+KEY_FILE = statedir.ACCESS_LOG_KEY
 #: Hex characters of the keyed hash kept: enough to tell URLs apart in a log.
 HASH_LENGTH = 12
 
@@ -38,12 +40,7 @@ def load_or_create_key(state_dir: str) -> bytes:
     except FileNotFoundError:
         pass
     key = secrets.token_bytes(32)
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    statedir.write_atomically(path, key, 0o600)
     return key
 
 

@@ -21,10 +21,6 @@ _TOKEN = re.compile(rb"^[A-Za-z0-9_-]+$")
 MAX_ANSWER_BYTES = 4096
 
 
-def challenge_dir(state_dir: str) -> str:
-    return os.path.join(state_dir, "acme-challenge")
-
-
 class ChallengeStore:
     """Reads challenge answers from one directory, refusing anything but a bare token."""
 

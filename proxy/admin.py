@@ -91,7 +91,7 @@ def _json(request: server.Request, code: int, document: object) -> bytes:
 
 
 class StatusResource(Resource):
-    """``GET /status``: the JSON of SPEC §5 (what ``trackproxy status --json`` prints)."""
+    """``GET /status``: the JSON document of README "Commands" (what ``trackproxy status --json`` prints)."""
 
     isLeaf = True
 

@@ -5,7 +5,7 @@ delivery. Every platform's guide asks for a short cache in front of the tracking
 endpoint (10 s by default) so those repeats are absorbed while a real person's repeat
 click after the TTL still counts.
 
-This module owns what is stored (GET answers with the SPEC's statuses, nothing carrying
+This module owns what is stored (GET answers with the statuses README "Cache" names, nothing carrying
 ``Set-Cookie``, ``no-store``, ``private``, ``no-cache`` or ``Vary: *``), for how long
 (the domain's ``cache_ttl``, shortened but never lengthened by ``s-maxage``/``max-age``),
 the two bounds (entries and bytes, least recently used out first), and coalescing:

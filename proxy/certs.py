@@ -3,7 +3,7 @@
 This module owns the certificate files in ``state_dir/certs/DOMAIN/`` and the operator's
 own ``{cert, key}`` pairs: it makes self-signed certificates for local use, loads every
 pair into a serving context (through ``tls``), and keeps a status per domain with the
-statuses of SPEC §5 (``inactive``, ``valid``, ``expired``, ``failed``, ...).
+statuses of the README's "Certificates" section (``inactive``, ``valid``, ``expired``, ``failed``, ...).
 
 A refused file never takes away what was serving: :meth:`CertificateStore.load` keeps
 the previous context of a domain whose new files are broken and records why in
@@ -22,27 +22,27 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 
 import attrs
 from twisted.logger import Logger
 
 from proxy import pki
+from proxy.statedir import (
+    FULLCHAIN,
+    PRIVKEY,
+    SELF_SIGNED_CERT,
+    SELF_SIGNED_KEY,
+    STATUS_FILE,
+    domain_cert_dir,
+    write_atomically,
+)
 from proxy.config import Config, Domain
 from proxy.tls import CertificateLoadError, CertifiedKey, load_pair, pair_digest, parse_pair, read_pair
 
 _log = Logger(namespace="trackproxy.certs")
 
 STATUSES = ("inactive", "pending", "valid", "expired", "failed", "unavailable")
-#: Where ACME attempts are remembered across restarts, in ``state_dir``.
-STATUS_FILE = "status.json"
-
-#: Names of the files certbot's trackproxy installer deploys (and the proxy reads).
-ACME_FULLCHAIN = "fullchain.pem"
-ACME_PRIVKEY = "privkey.pem"
-SELF_SIGNED_CERT = "self-signed.pem"
-SELF_SIGNED_KEY = "self-signed.key"
 
 SELF_SIGNED_LIFETIME = datetime.timedelta(days=365)
 #: A self-signed certificate this close to its end is made again at start-up.
@@ -72,10 +72,6 @@ def iso(moment: datetime.datetime | None) -> str | None:
     return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def domain_cert_dir(state_dir: str, domain: str) -> str:
-    return os.path.join(state_dir, "certs", domain)
-
-
 def certificate_files(config: Config, domain: Domain) -> tuple[str, str] | None:
     """The (fullchain, key) paths a domain serves from, or None for ``none``."""
     spec = domain.certificate
@@ -85,7 +81,7 @@ def certificate_files(config: Config, domain: Domain) -> tuple[str, str] | None:
     if spec.kind == "self-signed":
         return (os.path.join(directory, SELF_SIGNED_CERT), os.path.join(directory, SELF_SIGNED_KEY))
     if spec.kind == "acme":
-        return (os.path.join(directory, ACME_FULLCHAIN), os.path.join(directory, ACME_PRIVKEY))
+        return (os.path.join(directory, FULLCHAIN), os.path.join(directory, PRIVKEY))
     return None
 
 
@@ -226,25 +222,6 @@ def _self_signed_is_usable(cert_path: str, key_path: str, name: str, now: dateti
     return name in pki.dns_names(cert) and cert.not_valid_after_utc - now > SELF_SIGNED_REFRESH
 
 
-def write_atomically(path: str, data: bytes, mode: int) -> None:
-    """Write, fsync and rename, so a reader sees the old file or the new one, never half."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 # ---------------------------------------------------------------------------
 # ACME attempts, remembered across restarts
 
@@ -340,7 +317,12 @@ def is_due(state: CertificateState, renew_before: float, now: datetime.datetime)
     certificate ends within ``renew_before`` seconds."""
     if state.context is None or state.not_after is None:
         return True
-    return (state.not_after - now).total_seconds() <= renew_before
+    return now >= renewal_starts(state.not_after, renew_before)
+
+
+def renewal_starts(not_after: datetime.datetime, renew_before: float) -> datetime.datetime:
+    """When a certificate ending at ``not_after`` becomes due (``acme.renew_before``)."""
+    return not_after - datetime.timedelta(seconds=renew_before)
 
 
 @attrs.frozen
@@ -361,7 +343,7 @@ def describe(
     now: datetime.datetime,
     in_progress: bool = False,
 ) -> CertificateView:
-    """The status machine of SPEC §5: what the served files and the ACME attempts say
+    """The status machine of the README's "Certificates": what the served files and the ACME attempts say
     together.
 
     A usable certificate decides the status (``valid`` or ``expired``) whatever the
@@ -377,7 +359,7 @@ def describe(
         if record.next_attempt is not None:
             next_renewal = datetime.datetime.fromtimestamp(record.next_attempt, datetime.timezone.utc)
         elif state.not_after is not None:
-            next_renewal = max(now, state.not_after - datetime.timedelta(seconds=renew_before))
+            next_renewal = max(now, renewal_starts(state.not_after, renew_before))
         else:
             next_renewal = now
         if state.context is None:

@@ -439,15 +439,16 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def _renewal_due(config: Config, domain: str) -> tuple[bool, str]:
     """Whether ``domain``'s deployed certificate is within ``acme.renew_before``."""
-    from proxy.certs import ACME_FULLCHAIN, domain_cert_dir
+    from proxy.certs import renewal_starts
+    from proxy.statedir import FULLCHAIN, domain_cert_dir
     from proxy.tls import load_pem_chain
 
-    path = os.path.join(domain_cert_dir(config.state_dir, domain), ACME_FULLCHAIN)
+    path = os.path.join(domain_cert_dir(config.state_dir, domain), FULLCHAIN)
     try:
         not_after = load_pem_chain(path)[0].not_valid_after_utc
     except (OSError, ValueError) as e:
         return True, f"no usable certificate ({e}); requesting one"
-    renew_from = not_after - datetime.timedelta(seconds=config.acme.renew_before)
+    renew_from = renewal_starts(not_after, config.acme.renew_before)
     if datetime.datetime.now(datetime.timezone.utc) >= renew_from:
         return True, f"valid until {not_after:%Y-%m-%dT%H:%M:%SZ}: due, renewing"
     return False, f"valid until {not_after:%Y-%m-%dT%H:%M:%SZ}: not due before {renew_from:%Y-%m-%dT%H:%M:%SZ}"

@@ -1,6 +1,6 @@
 """``trackproxy doctor``: the platforms' troubleshooting guide, run for each domain.
 
-This module owns the five checks an operator would otherwise do by hand (SPEC §1, §3):
+This module owns the five checks an operator would otherwise do by hand (README "Doctor"):
 
 - ``dns``: the name's A/AAAA records (through any CNAME) point at this host;
 - ``caa``: CAA (RFC 8659) lets ``acme.server``'s CA issue for the name;

@@ -106,13 +106,6 @@ def forwarded_for(peer: str, incoming: Sequence[bytes] | None, peer_is_trusted: 
     return address
 
 
-def connection_named(values: Sequence[bytes]) -> frozenset[bytes]:
-    """The lower-cased header names that ``Connection`` values make hop-by-hop."""
-    if not values:
-        return frozenset()
-    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
-
-
 def upstream_request_headers(
     headers: Sequence[tuple[bytes, bytes]],
     host: bytes,
@@ -125,7 +118,7 @@ def upstream_request_headers(
     """The headers sent upstream: ``Host``, the end-to-end ones as received, then
     ``X-Forwarded-*``. ``connection`` and ``incoming_forwarded_for`` are the values of
     those request headers (the server picks them out while parsing)."""
-    dropped = connection_named(connection)
+    dropped = http11.connection_tokens(connection) if connection else frozenset()
     outgoing = [(b"Host", host)]
     for name, value in headers:
         lower = name.lower()

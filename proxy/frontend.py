@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from proxy.access import AccessLog, Recorder
-from proxy.acme import ChallengeStore, challenge_dir
+from proxy.acme import ChallengeStore
 from proxy.cache import ResponseCache
 from proxy.certs import CertificateState, CertificateStore
 from proxy.config import Config
@@ -35,6 +35,7 @@ from proxy.forward import Router
 from proxy.health import HealthBook
 from proxy.metrics import Metrics
 from proxy.server import HTTPFactory
+from proxy.statedir import challenge_dir
 from proxy.tls import SESSION_KEY_LIFETIME, CountingTLSFactory, ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
 

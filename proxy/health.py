@@ -4,7 +4,7 @@ A certificate that serves says nothing about the platform behind it: a domain wh
 upstream refuses every request looks healthy in a certificate status. This module keeps,
 per domain, what ``/status`` and ``trackproxy status`` show next to the certificate: the
 last upstream error with its time, and the failed share of the domain's upstream
-requests over the last five minutes (SPEC §5 ``upstream_health``).
+requests over the last five minutes (README "Certificates", ``upstream_health``).
 
 Counts live in ten-second buckets of a fixed ring, so recording is two additions and
 memory does not grow with traffic. Time comes from an injected clock (seconds since the

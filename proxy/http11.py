@@ -1,4 +1,5 @@
-"""HTTP/1.1 on the wire: status lines and the reason phrases that go with them.
+"""HTTP/1.1 on the wire: status lines and the reason phrases that go with them, and the
+``Connection`` header's tokens (both directions of the proxy read them).
 
 This module owns the bytes of a response's first line for every status the product
 sends itself (RFC 9110 §15 names them) and the ``Date`` value. Twisted's own table stops
@@ -9,7 +10,7 @@ admin listener send; the upstream's own reason phrase is relayed as it came.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 #: RFC 9110 §15 reason phrases (and RFC 6585's 429/431) for what trackproxy answers.
 REASONS: dict[int, bytes] = {
@@ -89,3 +90,9 @@ class DateCache:
             self._second = second
             self._value = http_date(now)
         return self._value
+
+
+def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
+    """The lower-cased tokens of ``Connection`` header values (``close``, ``keep-alive``,
+    and the names of headers the sender made hop-by-hop, RFC 9110 §7.6.1)."""
+    return frozenset(token.strip().lower() for value in values for token in value.split(b",") if token.strip())

@@ -26,6 +26,7 @@ from twisted.internet import defer, error, protocol
 from twisted.python.failure import Failure
 
 from proxy.config import AcmeSettings
+from proxy.statedir import certbot_dir
 
 #: Output kept from one certbot run: its verdict is in the last lines.
 MAX_OUTPUT_BYTES = 64 * 1024
@@ -48,7 +49,7 @@ _NOISE = re.compile(
 
 def certbot_dirs(state_dir: str) -> dict[str, str]:
     """certbot's config, work and logs directories under ``state_dir/certbot/``."""
-    base = os.path.join(state_dir, "certbot")
+    base = certbot_dir(state_dir)
     return {name: os.path.join(base, name) for name in ("config", "work", "logs")}
 
 

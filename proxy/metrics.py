@@ -1,4 +1,4 @@
-"""Prometheus metrics with the names of SPEC §6, and their exposition.
+"""Prometheus metrics with the names the README's "Metrics" section lists, and their exposition.
 
 This module owns metric names, label sets and label values. Label values come only from
 configuration and fixed vocabularies (configured domain or ``_unknown``, known methods

@@ -7,7 +7,7 @@ its CAA records (RFC 8659) permit the configured CA. The answer is a :class:`Ver
 
 It leaves every decision to its callers (``certs``, ``doctor``): which status a verdict
 maps to, when to check again, how to back off. A lookup that fails (timeout, SERVFAIL,
-refused) is never a verdict (SPEC §5): only an answer that forbids counts. The resolver,
+refused) is never a verdict (README "Certificates"): only an answer that forbids counts. The resolver,
 and through it the reactor, is handed in; nothing here touches the global reactor.
 """
 

@@ -32,8 +32,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 
+from proxy import statedir
 from proxy.access import load_or_create_key
-from proxy.acme import challenge_dir
 from proxy.admin import AdminSite
 from proxy.certs import AcmeRecords, CertificateState, CertificateView, describe, iso
 from proxy.config import Config, ConfigErrors, load_config, parse_config
@@ -49,7 +49,7 @@ __all__ = ["MAX_CONNECTIONS_PER_LISTENER", "ProxyService", "Runtime", "build_run
 
 log = Logger(namespace="trackproxy.service")
 
-#: How often certificate files are checked for changes on disk (SPEC: within a minute).
+#: How often certificate files are checked for changes on disk (README "Certificates": within 30 seconds).
 CERTIFICATE_CHECK_INTERVAL = 30.0
 #: Connections the admin listener accepts at once (it is for operators and Prometheus).
 ADMIN_CONNECTIONS = 64
@@ -72,13 +72,6 @@ class ConnectionLimit(WrappingFactory):
         if len(self.protocols) >= self.limit:
             return None
         return super().buildProtocol(addr)
-
-
-def prepare_state_dir(state_dir: str) -> None:
-    """Create ``state_dir`` with ``acme-challenge/`` (served) and ``certs/`` (private)."""
-    os.makedirs(state_dir, mode=0o755, exist_ok=True)
-    os.makedirs(challenge_dir(state_dir), mode=0o755, exist_ok=True)
-    os.makedirs(os.path.join(state_dir, "certs"), mode=0o700, exist_ok=True)
 
 
 def utc_now() -> datetime.datetime:
@@ -123,7 +116,7 @@ class Management:
         self.last_reload_success = True
         self.ports: dict[str, list[object]] = {"http": [], "https": [], "admin": []}
         self._loops: list[LoopingCall] = []
-        prepare_state_dir(config.state_dir)
+        statedir.prepare(config.state_dir)
         self.access_key = load_or_create_key(config.state_dir)
         self.renewals = RenewalManager(
             now,
@@ -190,7 +183,7 @@ class Management:
         return views
 
     def status_document(self, cache_counts: Mapping[str, int], health: Mapping[str, dict]) -> dict:
-        """The ``GET /status`` document (SPEC §5 Admin), from the serving side's counts:
+        """The ``GET /status`` document (README "Commands", ``trackproxy status``), from the serving side's counts:
         cache entries per domain, and ``health.health_document`` per domain."""
         config = self.config
         views = self.certificate_views()
@@ -241,7 +234,7 @@ class Management:
             return [f"{path}: cannot read the file: {e}"]
         try:
             config = parse_config(text, path)
-            prepare_state_dir(config.state_dir)
+            statedir.prepare(config.state_dir)
         except ConfigErrors as e:
             return [str(error) for error in e.errors]
         except OSError as e:
@@ -382,7 +375,7 @@ class ProxyService(Management):
         self._update_renewals()
 
     def status(self) -> dict:
-        """The ``GET /status`` document (SPEC §5 Admin)."""
+        """The ``GET /status`` document (README "Commands", ``trackproxy status``)."""
         counts, health = self.frontend.status()
         return self.status_document(
             counts, {d: health_document(h["ok"], h["failed"], h["last_error"], h["last_error_at"])

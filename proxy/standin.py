@@ -43,7 +43,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from proxy import http11, pki
-from proxy.certs import write_atomically
+from proxy.statedir import write_atomically
 from proxy.tls import ServerTLS, context_for_files, normalise_server_name
 
 DEFAULT_NAME = "spgo.io"

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy.config import Upstream
+from proxy.http11 import connection_tokens
 from proxy.tls import upstream_tls_options
 
 #: Largest upstream answer relayed; a tracking redirect or pixel is a few hundred bytes.
@@ -76,13 +77,6 @@ class UpstreamResponse:
     connection_tokens: frozenset[bytes] = frozenset()
     #: True for the answer to a HEAD (no body; ``length`` is the resource's).
     for_head: bool = False
-
-
-def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
-    """The lower-cased header names listed in ``Connection`` values."""
-    return frozenset(
-        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
-    )
 
 
 def classify_failure(failure: Failure) -> str:

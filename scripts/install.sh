@@ -129,7 +129,7 @@ tar -C "$SOURCE" -cf - \
     --exclude=./conf/local-state . | tar -C "$build" -xf -
 say "installing trackproxy from $SOURCE into $VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-    --upgrade "$build"
+    --upgrade --constraint "$build/constraints.txt" "$build"
 "$VENV/bin/trackproxy" --version >/dev/null
 
 # -- configuration ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Tests for ``proxy.config``: YAML in, frozen configuration or located errors out.
 
-The contract is SPEC §4. Every error test checks the exact line and column (1-based)
+The contract is README "Configuration". Every error test checks the exact line and column (1-based)
 because ``check-config`` prints them to operators as ``FILE:LINE:COL: message``.
 """
 

@@ -1,7 +1,7 @@
-"""End-to-end: every metric of SPEC §6, after real traffic through ``trackproxy run``.
+"""End-to-end: every metric of README "Metrics", after real traffic through ``trackproxy run``.
 
 ``/metrics`` is parsed with prometheus-client's own parser. The names, types and label
-sets are SPEC §6's exactly; the values follow the traffic sent; label values never
+sets are exactly README "Metrics"'s; the values follow the traffic sent; label values never
 carry a path, a client address or a host name that is not configured.
 """
 
@@ -34,7 +34,7 @@ from support import (
 TRACK = "track.example.test"
 OWN = "own.example.test"
 
-#: SPEC §6: name -> (type, label names).
+#: README "Metrics": name -> (type, label names).
 SPEC_METRICS = {
     "trackproxy_requests": ("counter", {"domain", "scheme", "method", "code", "cache"}),
     "trackproxy_request_duration_seconds": ("histogram", {"domain", "cache"}),

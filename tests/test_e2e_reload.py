@@ -56,7 +56,7 @@ UPSTREAM_B = "otherplatform"
 #: How long a reload may take to show (it is synchronous; this is only a deadline).
 RELOAD_WITHIN = 5.0
 #: The periodic certificate check runs every 30 s (service.CERTIFICATE_CHECK_INTERVAL);
-#: SPEC §5 promises "within a minute".
+#: README "Certificates" promises within 30 seconds.
 PERIODIC_WITHIN = 45.0
 
 # ---------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_replaced_certificate_files_serve_new_connections_after_post_reload_and_
 def test_replaced_certificate_files_are_picked_up_without_reload_by_the_periodic_check(
     proxy: ProxyProcess, ca: LocalCA, tmp_path: Path
 ) -> None:
-    """Slow on purpose: the check runs every 30 s; SPEC §5 promises within a minute."""
+    """Slow on purpose: the check runs every 30 s, as README "Certificates" says."""
     before = served(proxy, OWN, ca.cert_path)
     opened = connect(proxy.https_port, TLS(OWN, ca.cert_path))
     try:
@@ -329,7 +329,7 @@ def test_a_broken_certificate_file_is_refused_the_previous_one_keeps_serving_and
 def test_an_explicit_reload_rereads_certificate_files_even_when_their_modification_time_is_unchanged(
     proxy: ProxyProcess, ca: LocalCA, tmp_path: Path
 ) -> None:
-    """SPEC §5: a reload re-reads the certificates, "at once on reload". A new file can
+    """README "Certificates": a reload re-reads the certificates, "at once on reload". A new file can
     carry the old one's mtime: 1-2 s timestamps (ext3, HFS+, FAT, some NFS) when it is
     replaced within the same tick, or tools that keep the source's time (cp -p, rsync -t,
     tar x); the mtime-only check must not make the operator's explicit reload a no-op."""

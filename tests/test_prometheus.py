@@ -1,7 +1,7 @@
 """The monitoring kit in ``conf/prometheus`` and ``conf/grafana``, against the real tools.
 
 Alert rules pass ``promtool check rules`` and their unit tests; the dashboard and the rules
-name only the metrics of SPEC §6; and a real Prometheus scrapes ``trackproxy run`` (one
+name only the metrics of README "Metrics"; and a real Prometheus scrapes ``trackproxy run`` (one
 proxy and one Prometheus for the module, on loopback): it sees the series with their
 labels, loads the rules healthy, parses every dashboard expression, and puts the
 certificate-expiry alerts in ``pending`` for a certificate that ends in two days, and for
@@ -57,7 +57,7 @@ needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None or PROMTOOL is None, reason="needs prometheus (Debian package prometheus)"
 )
 
-#: SPEC §6: every metric trackproxy exports, and its type.
+#: README "Metrics": every metric trackproxy exports, and its type.
 SPEC_METRICS = {
     "trackproxy_requests_total": "counter",
     "trackproxy_request_duration_seconds": "histogram",

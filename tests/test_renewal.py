@@ -1,4 +1,4 @@
-"""Certificates over time (SPEC §5 Certificates, §6): the status machine, the ACME attempts
+"""Certificates over time (README "Certificates", "Metrics"): the status machine, the ACME attempts
 remembered in ``status.json``, the renewal schedule and its back-off, certbot's command line
 and outcome, the child process, the periodic re-read and reload, and the certificate metrics.
 """

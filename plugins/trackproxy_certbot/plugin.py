@@ -16,7 +16,8 @@ one keeps serving, and deciding when to issue or renew. The proxy's YAML is only
 here (through ``proxy.config``, which is pure), never edited.
 
 certbot imports every plugin at start-up and an import error breaks all of its commands,
-so this module imports neither Twisted nor anything of ``proxy`` but its config reader.
+so this module imports neither Twisted nor anything of ``proxy`` but its config reader and
+``proxy.statedir`` (the directory layout and the atomic write, both standard library only).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,6 +35,7 @@ from acme import challenges, messages
 from certbot import achallenges, errors, interfaces
 from certbot.plugins import common
 
+from proxy import statedir
 from proxy.config import Config, ConfigErrors, admin_url, config_path, load_config
 
 logger = logging.getLogger("trackproxy_certbot")
@@ -44,8 +45,6 @@ NO_RELOAD_ENV = "TRACKPROXY_CERTBOT_NO_RELOAD"
 RELOAD_TIMEOUT = 30.0
 
 _STATE_DIR_MODE = 0o755
-_CHALLENGE_DIR_MODE = 0o755
-_CERTS_DIR_MODE = 0o700
 _CHALLENGE_FILE_MODE = 0o644
 _FULLCHAIN_MODE = 0o644
 _PRIVKEY_MODE = 0o600
@@ -112,14 +111,14 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
         config = self._loaded_config()
         for achall in achalls:
             self._require_domain(config, _name_of(achall))
-        directory = _challenge_dir(config)
-        owner = _ensure_dirs(config.state_dir, (directory, _CHALLENGE_DIR_MODE))
+        directory = statedir.challenge_dir(config.state_dir)
+        owner = _ensure_dirs(config.state_dir, (directory, statedir.CHALLENGES_MODE))
         responses = []
         for achall in achalls:
             response, validation = achall.response_and_validation()
             answer = validation.encode("utf-8")
             try:
-                _write_atomic(directory, _token_of(achall), answer, _CHALLENGE_FILE_MODE, owner)
+                statedir.write_atomically(os.path.join(directory, _token_of(achall)), answer, _CHALLENGE_FILE_MODE, owner)
             except OSError as e:
                 raise errors.PluginError(f"cannot write the challenge answer: {e}") from e
             responses.append(response)
@@ -127,7 +126,7 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
 
     def cleanup(self, achalls: list[achallenges.AnnotatedChallenge]) -> None:
         """Remove the answers ``perform`` wrote; one already gone is fine."""
-        directory = _challenge_dir(self._loaded_config())
+        directory = statedir.challenge_dir(self._loaded_config().state_dir)
         for achall in achalls:
             try:
                 os.unlink(os.path.join(directory, _token_of(achall)))
@@ -248,7 +247,7 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
             key = os.path.join(live, domain, "privkey.pem")
             if not (os.path.isfile(fullchain) and os.path.isfile(key)):
                 continue
-            deployed = os.path.join(config.state_dir, "certs", domain, "fullchain.pem")
+            deployed = os.path.join(statedir.domain_cert_dir(config.state_dir, domain), statedir.FULLCHAIN)
             if _not_after(fullchain) > _not_after(deployed):
                 _install(config, domain, key_path=key, fullchain_path=fullchain)
 
@@ -300,10 +299,6 @@ def _token_of(achall: achallenges.AnnotatedChallenge) -> str:
     return token
 
 
-def _challenge_dir(config: Config) -> str:
-    return os.path.join(config.state_dir, "acme-challenge")
-
-
 # ---------------------------------------------------------------------------
 # Certificate files
 
@@ -316,14 +311,14 @@ def _install(config: Config, domain: str, *, key_path: str, fullchain_path: str)
     """
     key = _read(key_path, "private key")
     fullchain = _read(fullchain_path, "full chain")
-    certs = os.path.join(config.state_dir, "certs")
-    directory = os.path.join(certs, domain)
+    certs = statedir.certs_dir(config.state_dir)
+    directory = statedir.domain_cert_dir(config.state_dir, domain)
     owner = _ensure_dirs(
-        config.state_dir, (certs, _CERTS_DIR_MODE), (directory, _CERTS_DIR_MODE)
+        config.state_dir, (certs, statedir.CERTS_MODE), (directory, statedir.CERTS_MODE)
     )
     try:
-        _write_atomic(directory, "privkey.pem", key, _PRIVKEY_MODE, owner)
-        _write_atomic(directory, "fullchain.pem", fullchain, _FULLCHAIN_MODE, owner)
+        statedir.write_atomically(os.path.join(directory, statedir.PRIVKEY), key, _PRIVKEY_MODE, owner)
+        statedir.write_atomically(os.path.join(directory, statedir.FULLCHAIN), fullchain, _FULLCHAIN_MODE, owner)
     except OSError as e:
         raise errors.PluginError(f"cannot install the certificate for {domain}: {e}") from e
     logger.info("installed the certificate for %s into %s", domain, directory)
@@ -393,41 +388,6 @@ def _owner_for_new_files(state_dir: str) -> tuple[int, int] | None:
         return None
     st = os.stat(state_dir)
     return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
-
-
-def _write_atomic(
-    directory: str, name: str, data: bytes, mode: int, owner: tuple[int, int] | None
-) -> None:
-    """Replace ``directory/name`` with ``data`` so that readers see the old or new file.
-
-    The temporary file lives in the same directory (``os.replace`` is atomic only within a
-    file system) and is on disk before the rename; the directory is synced after it.
-    """
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            if owner is not None:
-                os.fchown(f.fileno(), *owner)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
