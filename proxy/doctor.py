@@ -21,7 +21,6 @@ import datetime
 import http.client
 import ipaddress
 import os
-import re
 import socket
 import ssl
 import sys
@@ -30,16 +29,14 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorCore, IResolver
-from twisted.names import dns
-from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DNSServerError
 from twisted.python.failure import Failure
 
 from proxy import __version__
 from proxy.config import Config, Domain, normalise_domain
 from proxy.endpoints import local_address, parse_endpoint
-from proxy.preflight import CAA, CAARecord, ca_identities, caa_permits, parse_caa, resolver_for
+from proxy.preflight import CAAFound, Resolution, ca_identities, caa_permits, find_caa, resolve, resolver_for
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 CHECKS = ("dns", "caa", "https", "probe", "http")
@@ -49,7 +46,6 @@ TIMEOUT = 5.0
 #: The proxy's own answers carry this ``Server`` (``forward.SERVER_NAME``); relayed ones
 #: carry the platform's.
 PROXY_SERVER = "trackproxy"
-_MAX_CNAME_HOPS = 8
 #: Addresses that route like the Internet does (RFC 5737/3849 documentation ranges):
 #: a UDP socket "connected" to one tells this host's outbound address; nothing is sent.
 _ROUTE_PROBES = ("192.0.2.1", "2001:db8::1")
@@ -70,25 +66,6 @@ class Check:
     verdict: str
     detail: str
     hint: str | None = None
-
-
-@attrs.frozen
-class Resolution:
-    """What DNS says a name's addresses are; ``problem`` says why there are none."""
-
-    name: str
-    aliases: tuple[str, ...] = ()  # the CNAME chain's targets, in order
-    addresses: tuple[str, ...] = ()
-    problem: str | None = None
-
-
-@attrs.frozen
-class CAAFound:
-    """The relevant CAA RRset (RFC 8659 §3): where it is, or ``owner`` None if none exists."""
-
-    owner: str | None = None
-    records: tuple[CAARecord, ...] = ()
-    problem: str | None = None  # the lookup failed: no verdict
 
 
 # ---------------------------------------------------------------------------
@@ -368,87 +345,9 @@ def exit_status(checks: Iterable[Check]) -> int:
 # DNS, through Twisted Names
 
 
-def _why(failure: Failure) -> str:
-    if failure.check(DNSQueryTimeoutError):
-        return "the resolvers did not answer in time"
-    if failure.check(DNSServerError):
-        return "the resolver answered SERVFAIL"
-    return failure.getErrorMessage() or failure.type.__name__
-
-
-def _answers_of(failure: Failure) -> list[dns.RRHeader]:
-    """The answer section an NXDOMAIN came with (a CNAME to a missing name)."""
-    message = failure.value.args[0] if failure.value.args else None
-    return list(message.answers) if isinstance(message, dns.Message) else []
-
-
-async def resolve(resolver: IResolver, name: str) -> Resolution:
-    """``name``'s addresses, following CNAMEs (asking again for a target left unresolved)."""
-    aliases: list[str] = []
-    owner = name
-    for _ in range(_MAX_CNAME_HOPS):
-        results = await DeferredList(
-            [resolver.lookupAddress(owner, timeout=(TIMEOUT,)),
-             resolver.lookupIPV6Address(owner, timeout=(TIMEOUT,))],
-            consumeErrors=True,
-        )
-        answers: list[dns.RRHeader] = []
-        missing, failed = [], []
-        for succeeded, result in results:
-            if succeeded:
-                answers.extend(result[0])
-            elif result.check(DNSNameError):
-                missing.append(result)
-                answers.extend(_answers_of(result))
-            else:
-                failed.append(result)
-        chain = {rr.name.name.decode().lower(): rr.payload.name.name.decode().lower()
-                 for rr in answers if rr.type == dns.CNAME}
-        followed = len(aliases)
-        while owner in chain and chain[owner] != name and chain[owner] not in aliases:
-            owner = chain[owner]
-            aliases.append(owner)
-        addresses = tuple(
-            socket.inet_ntop(socket.AF_INET if rr.type == dns.A else socket.AF_INET6, rr.payload.address)
-            for rr in answers if rr.type in (dns.A, dns.AAAA)
-        )
-        if addresses:
-            return Resolution(name, tuple(aliases), addresses)
-        if failed:
-            return Resolution(name, tuple(aliases), problem=f"lookup failed: {_why(failed[0])}")
-        if missing:
-            return Resolution(name, tuple(aliases), problem="does not exist in DNS (NXDOMAIN)")
-        if len(aliases) == followed:
-            return Resolution(name, tuple(aliases), problem="has no A or AAAA record")
-        # A CNAME without its target's addresses: ask for the target.
-    return Resolution(name, tuple(aliases), problem="CNAME chain too long")
-
-
-async def find_caa(resolver: IResolver, name: str) -> CAAFound:
-    """The relevant CAA RRset: climbing from ``name`` towards the root (RFC 8659 §3)."""
-    labels = name.split(".")
-    for owner in (".".join(labels[i:]) for i in range(len(labels))):
-        try:
-            answers, _, _ = await resolver.query(dns.Query(owner, CAA, dns.IN), timeout=(TIMEOUT,))
-        except DNSNameError:
-            continue
-        except Exception as e:
-            return CAAFound(problem=_why(Failure(e)))
-        found = [rr for rr in answers if rr.type == CAA]
-        if found:
-            records = []
-            for rr in found:
-                try:
-                    records.append(parse_caa(rr.payload.data))
-                except ValueError:
-                    pass  # a malformed record forbids nothing (preflight agrees)
-            return CAAFound(found[0].name.name.decode().lower(), tuple(records))
-    return CAAFound()
-
-
 async def _ask_dns(resolver: IResolver, names: Sequence[str]) -> dict[str, tuple[Resolution, CAAFound]]:
     async def both(name: str) -> tuple[Resolution, CAAFound]:
-        return await resolve(resolver, name), await find_caa(resolver, name)
+        return await resolve(resolver, name, TIMEOUT), await find_caa(resolver, name, TIMEOUT)
 
     results = await gatherResults([ensureDeferred(both(n)) for n in names])
     return dict(zip(names, results))

@@ -4,6 +4,8 @@ This module owns the DNS facts that decide whether a certificate request could s
 all, so that no CA rate limit is spent on one that cannot: the name is one a public CA
 certifies (two labels or more, no IP literal, no wildcard), it resolves (A or AAAA), and
 its CAA records (RFC 8659) permit the configured CA. The answer is a :class:`Verdict`.
+The lookups behind it (:func:`resolve`, through CNAMEs; :func:`find_caa`, climbing the
+tree) live here once: ``doctor`` asks the same questions and reports the answers.
 
 It leaves every decision to its callers (``certs``, ``doctor``): which status a verdict
 maps to, when to check again, how to back off. A lookup that fails (timeout, SERVFAIL,
@@ -14,6 +16,7 @@ and through it the reactor, is handed in; nothing here touches the global reacto
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -22,7 +25,7 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IReactorUDP, IResolver
 from twisted.names import client, dns
-from twisted.names.error import DNSNameError
+from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DNSServerError
 from twisted.python.failure import Failure
 
 OK, UNRESOLVABLE, CAA_FORBIDS, INELIGIBLE = "ok", "unresolvable", "caa_forbids", "ineligible"
@@ -195,75 +198,125 @@ class Preflight:
         return verdict or Verdict(OK)
 
     async def _addresses(self, name: str) -> Verdict | None:
+        resolution = await resolve(self._resolver, name, self._timeout[0])
+        if resolution.addresses or resolution.lookup_failed:
+            return None
+        subject = f"{name} is a CNAME to {resolution.aliases[-1]}, which" if resolution.aliases else name
+        return Verdict(UNRESOLVABLE, f"{subject} {resolution.problem}")
+
+    async def _caa(self, name: str, server_url: str) -> Verdict | None:
+        # An unknown CA is looked up too: a set that forbids every CA forbids it.
+        found = await find_caa(self._resolver, name, self._timeout[0])
+        if found.owner is None:
+            return None  # no CAA anywhere (any CA may issue), or the lookup failed
+        return caa_permits(found.records, ca_identities(server_url), found.owner)
+
+
+# ---------------------------------------------------------------------------
+# Lookups (``doctor`` asks the same questions and reports the answers)
+
+#: CNAMEs followed before a name counts as unresolvable.
+MAX_CNAME_HOPS = 8
+
+
+@attrs.frozen
+class Resolution:
+    """What DNS says a name's addresses are; ``problem`` says why there are none."""
+
+    name: str
+    aliases: tuple[str, ...] = ()  # the CNAME chain's targets, in order
+    addresses: tuple[str, ...] = ()
+    problem: str | None = None
+    #: The problem is a lookup that failed (timeout, SERVFAIL): no verdict.
+    lookup_failed: bool = False
+
+
+@attrs.frozen
+class CAAFound:
+    """The relevant CAA RRset (RFC 8659 §3): where it is, or ``owner`` None if none exists."""
+
+    owner: str | None = None
+    records: tuple[CAARecord, ...] = ()
+    problem: str | None = None  # the lookup failed: no verdict
+
+
+async def resolve(resolver: IResolver, name: str, timeout: float) -> Resolution:
+    """``name``'s addresses, following CNAMEs (asking again for a target left unresolved)."""
+    aliases: list[str] = []
+    owner = name
+    for _ in range(MAX_CNAME_HOPS):
         results = await DeferredList(
-            [
-                self._resolver.lookupAddress(name, timeout=self._timeout),
-                self._resolver.lookupIPV6Address(name, timeout=self._timeout),
-            ],
+            [resolver.lookupAddress(owner, timeout=(timeout,)),
+             resolver.lookupIPV6Address(owner, timeout=(timeout,))],
             consumeErrors=True,
         )
         answers: list[dns.RRHeader] = []
+        missing, failed = [], []
         for succeeded, result in results:
             if succeeded:
                 answers.extend(result[0])
             elif result.check(DNSNameError):
+                missing.append(result)
                 answers.extend(_answers_of(result))
             else:
-                return None
-        if any(rr.type in (dns.A, dns.AAAA) for rr in answers):
-            return None
-        alias = _cname_target(name, answers)
-        subject = f"{name} is a CNAME to {alias}, which" if alias else name
-        if all(succeeded for succeeded, _ in results):
-            return Verdict(UNRESOLVABLE, f"{subject} has no A or AAAA record")
-        if not any(succeeded for succeeded, _ in results):
-            return Verdict(UNRESOLVABLE, f"{subject} does not exist in DNS (NXDOMAIN)")
-        return None
-
-    async def _caa(self, name: str, server_url: str) -> Verdict | None:
-        # An unknown CA is looked up too: a set that forbids every CA forbids it.
-        identities = ca_identities(server_url)
-        labels = name.split(".")
-        # RFC 8659 §3: climb towards the root, excluding it; the first RRset found counts.
-        for owner in (".".join(labels[i:]) for i in range(len(labels))):
-            query = dns.Query(owner, CAA, dns.IN)
-            try:
-                answers, _, _ = await self._resolver.query(query, timeout=self._timeout)
-            except DNSNameError:
-                continue
-            except Exception:
-                return None
-            found = [rr for rr in answers if rr.type == CAA]
-            if found:
-                # Through a CNAME the RRset is the target's: name where it really is.
-                where = found[0].name.name.decode("ascii", "replace")
-                return caa_permits(_parse_all([rr.payload for rr in found]), identities, where)
-        return None
+                failed.append(result)
+        chain = {rr.name.name.decode().lower(): rr.payload.name.name.decode().lower()
+                 for rr in answers if rr.type == dns.CNAME}
+        followed = len(aliases)
+        while owner in chain and chain[owner] != name and chain[owner] not in aliases:
+            owner = chain[owner]
+            aliases.append(owner)
+        addresses = tuple(
+            socket.inet_ntop(socket.AF_INET if rr.type == dns.A else socket.AF_INET6, rr.payload.address)
+            for rr in answers if rr.type in (dns.A, dns.AAAA)
+        )
+        if addresses:
+            return Resolution(name, tuple(aliases), addresses)
+        if failed:
+            return Resolution(name, tuple(aliases), problem=f"lookup failed: {describe_failure(failed[0])}",
+                              lookup_failed=True)
+        if missing:
+            return Resolution(name, tuple(aliases), problem="does not exist in DNS (NXDOMAIN)")
+        if len(aliases) == followed:
+            return Resolution(name, tuple(aliases), problem="has no A or AAAA record")
+        # A CNAME without its target's addresses: ask for the target.
+    return Resolution(name, tuple(aliases), problem="CNAME chain too long")
 
 
-def _parse_all(payloads: Sequence[dns.UnknownRecord]) -> list[CAARecord]:
-    """The records that parse: a malformed one forbids nothing (it is no answer)."""
-    records = []
-    for payload in payloads:
+async def find_caa(resolver: IResolver, name: str, timeout: float) -> CAAFound:
+    """The relevant CAA RRset: climbing from ``name`` towards the root, the root excluded,
+    the first RRset found counts (RFC 8659 §3). Through a CNAME the RRset is the
+    target's, and ``owner`` says where it really is."""
+    labels = name.split(".")
+    for owner in (".".join(labels[i:]) for i in range(len(labels))):
         try:
-            records.append(parse_caa(payload.data))
-        except ValueError:
-            pass
-    return records
+            answers, _, _ = await resolver.query(dns.Query(owner, CAA, dns.IN), timeout=(timeout,))
+        except DNSNameError:
+            continue
+        except Exception as e:
+            return CAAFound(problem=describe_failure(Failure(e)))
+        found = [rr for rr in answers if rr.type == CAA]
+        if found:
+            records = []
+            for rr in found:
+                try:
+                    records.append(parse_caa(rr.payload.data))
+                except ValueError:
+                    pass  # a malformed record forbids nothing (it is no answer)
+            return CAAFound(found[0].name.name.decode("ascii", "replace").lower(), tuple(records))
+    return CAAFound()
 
 
-def _answers_of(reason: Failure) -> list[dns.RRHeader]:
+def describe_failure(failure: Failure) -> str:
+    """A failed lookup in a few words."""
+    if failure.check(DNSQueryTimeoutError):
+        return "the resolvers did not answer in time"
+    if failure.check(DNSServerError):
+        return "the resolver answered SERVFAIL"
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+def _answers_of(failure: Failure) -> list[dns.RRHeader]:
     """The answer section an NXDOMAIN response came with (a CNAME to a missing name)."""
-    message = reason.value.args[0] if reason.value.args else None
+    message = failure.value.args[0] if failure.value.args else None
     return list(message.answers) if isinstance(message, dns.Message) else []
-
-
-def _cname_target(name: str, answers: Sequence[dns.RRHeader]) -> str | None:
-    """Where ``name``'s CNAME chain in ``answers`` ends, or None if it has none."""
-    aliases = {rr.name.name.decode().lower(): rr.payload.name.name.decode().lower()
-               for rr in answers if rr.type == dns.CNAME}
-    target, seen = name, set()
-    while target in aliases and target not in seen:
-        seen.add(target)
-        target = aliases[target]
-    return None if target == name else target

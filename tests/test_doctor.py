@@ -30,26 +30,22 @@ from proxy.doctor import (
     PASS,
     SKIP,
     WARN,
-    CAAFound,
     Check,
-    Resolution,
     addresses_here,
     caa_issuer_for,
     classify_connect_error,
     classify_probe,
     classify_tls_error,
     exit_status,
-    find_caa,
     format_report,
     judge_caa,
     judge_certificate,
     judge_dns,
     listener_address,
-    resolve,
     summary,
 )
 from proxy.preflight import CAA as CAA_TYPE
-from proxy.preflight import CAARecord
+from proxy.preflight import CAAFound, CAARecord, Resolution, find_caa, resolve
 from support import (
     LANDING_URL, REPO_ROOT, LocalCA, ProxyProcess, UpstreamStandIn, free_port, poll, start_proxy,
 )
@@ -236,9 +232,10 @@ NX_VIA_CNAME.args[0].answers = [rr(NAME, dns.Record_CNAME("gone.example.net"))]
         ({(NAME, dns.A): NX_VIA_CNAME, (NAME, dns.AAAA): NX_VIA_CNAME},
          Resolution(NAME, ("gone.example.net",), problem="does not exist in DNS (NXDOMAIN)")),
         ({(NAME, dns.A): error.DNSServerError(dns.Message()), (NAME, dns.AAAA): []},
-         Resolution(NAME, (), problem="lookup failed: the resolver answered SERVFAIL")),
+         Resolution(NAME, (), problem="lookup failed: the resolver answered SERVFAIL", lookup_failed=True)),
         ({(NAME, dns.A): error.DNSQueryTimeoutError(1), (NAME, dns.AAAA): error.DNSQueryTimeoutError(2)},
-         Resolution(NAME, (), problem="lookup failed: the resolvers did not answer in time")),
+         Resolution(NAME, (), problem="lookup failed: the resolvers did not answer in time",
+                    lookup_failed=True)),
         ({(NAME, dns.A): error.DNSQueryTimeoutError(1), (NAME, dns.AAAA): [rr(NAME, dns.Record_AAAA("::1"))]},
          Resolution(NAME, (), ("::1",))),
     ],
@@ -248,7 +245,7 @@ NX_VIA_CNAME.args[0].answers = [rr(NAME, dns.Record_CNAME("gone.example.net"))]
 def test_resolve_follows_cnames_and_names_what_is_missing(
     table: dict[tuple[str, int], Any], resolution: Resolution
 ) -> None:
-    assert at_once(resolve(StubResolver(table), NAME)) == resolution
+    assert at_once(resolve(StubResolver(table), NAME, 5.0)) == resolution
 
 
 def caa_rr(owner: str, tag: str, value: str) -> dns.RRHeader:
@@ -275,7 +272,7 @@ def caa_rr(owner: str, tag: str, value: str) -> dns.RRHeader:
     ids=["none", "at-parent", "closest-wins", "through-cname", "malformed-skipped", "servfail"],
 )
 def test_find_caa_climbs_to_the_relevant_rrset(table: dict[tuple[str, int], Any], found: CAAFound) -> None:
-    assert at_once(find_caa(StubResolver(table), NAME)) == found
+    assert at_once(find_caa(StubResolver(table), NAME, 5.0)) == found
 
 
 def test_caa_issuer_for_prefers_the_name_operators_know() -> None:

@@ -300,8 +300,9 @@ SECTIGO_NOT_LE = "allows only sectigo.com, not letsencrypt.org"
         ("missing.example.com",
          unresolvable("missing.example.com does not exist in DNS (NXDOMAIN)")),
         ("txt.example.com", unresolvable("txt.example.com has no A or AAAA record")),
+        # The server answers with the CNAME alone; the target is asked for, and is not there.
         ("alias.example.com", unresolvable(
-            "alias.example.com is a CNAME to gone.example.net, which has no A or AAAA record")),
+            "alias.example.com is a CNAME to gone.example.net, which does not exist in DNS (NXDOMAIN)")),
         ("192.0.2.1", Verdict("ineligible", "192.0.2.1 is an IP address, not a DNS name")),
     ],
     ids=["no-caa", "aaaa-only", "caa-at-parent-allows", "closest-rrset-wins",
