@@ -108,7 +108,7 @@ class ResponseCache:
         clock: Callable[[], float],
         max_entries: int,
         max_bytes: int,
-        on_change: Callable[["ResponseCache"], None] = lambda cache: None,
+        on_change: Callable[[ResponseCache], None] = lambda cache: None,
         on_evict: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._now = clock

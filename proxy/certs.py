@@ -28,6 +28,7 @@ import attrs
 from twisted.logger import Logger
 
 from proxy import pki
+from proxy.config import Config, Domain
 from proxy.statedir import (
     FULLCHAIN,
     PRIVKEY,
@@ -37,7 +38,6 @@ from proxy.statedir import (
     domain_cert_dir,
     write_atomically,
 )
-from proxy.config import Config, Domain
 from proxy.tls import CertificateLoadError, CertifiedKey, load_pair, pair_digest, parse_pair, read_pair
 
 _log = Logger(namespace="trackproxy.certs")
@@ -69,7 +69,7 @@ def iso(moment: datetime.datetime | None) -> str | None:
     """A time as status shows it: UTC, ISO 8601, to the second (``2027-01-21T10:00:00Z``)."""
     if moment is None:
         return None
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def certificate_files(config: Config, domain: Domain) -> tuple[str, str] | None:
@@ -357,7 +357,7 @@ def describe(
     if record is not None:  # an ACME domain
         last_error = record.last_error or state.last_error
         if record.next_attempt is not None:
-            next_renewal = datetime.datetime.fromtimestamp(record.next_attempt, datetime.timezone.utc)
+            next_renewal = datetime.datetime.fromtimestamp(record.next_attempt, datetime.UTC)
         elif state.not_after is not None:
             next_renewal = max(now, renewal_starts(state.not_after, renew_before))
         else:

@@ -153,23 +153,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return 1
 
-    from proxy.reactor import install
+    from proxy import process
 
-    reactor = install()
+    reactor = process.prepare()
     from twisted.logger import Logger
 
-    from twisted.internet.task import LoopingCall
-
-    from proxy.logs import raise_open_files_limit, start_logging
     from proxy.service import ProxyService
     from proxy.systemd import Notifier
     from proxy.workers import Supervisor, worker_count
 
-    raise_open_files_limit()
-    shortage = start_logging()
-    watch = LoopingCall(shortage.tick)
-    watch.clock = reactor
-    watch.start(1.0, now=False)
     log = Logger(namespace="trackproxy.cli")
     workers = worker_count(config)
     try:
@@ -449,7 +441,7 @@ def _renewal_due(config: Config, domain: str) -> tuple[bool, str]:
     except (OSError, ValueError) as e:
         return True, f"no usable certificate ({e}); requesting one"
     renew_from = renewal_starts(not_after, config.acme.renew_before)
-    if datetime.datetime.now(datetime.timezone.utc) >= renew_from:
+    if datetime.datetime.now(datetime.UTC) >= renew_from:
         return True, f"valid until {not_after:%Y-%m-%dT%H:%M:%SZ}: due, renewing"
     return False, f"valid until {not_after:%Y-%m-%dT%H:%M:%SZ}: not due before {renew_from:%Y-%m-%dT%H:%M:%SZ}"
 

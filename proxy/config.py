@@ -430,7 +430,7 @@ class _Reader:
 
     # Converters: each takes (node, what) and either returns or reports and raises.
 
-    def _fail(self, node: yaml.Node, message: str) -> "_Reported":
+    def _fail(self, node: yaml.Node, message: str) -> _Reported:
         self.error(node, message)
         return _Reported()
 

@@ -255,7 +255,7 @@ def judge_certificate(name: str, where: str, peer: Mapping[str, Any], now: datet
     if issuer.get("organizationName") and issuer.get("commonName"):
         who = f"{issuer['commonName']} ({issuer['organizationName']})"
     not_after = datetime.datetime.fromtimestamp(
-        ssl.cert_time_to_seconds(peer["notAfter"]), datetime.timezone.utc
+        ssl.cert_time_to_seconds(peer["notAfter"]), datetime.UTC
     )
     left = (not_after - now).days
     return Check(
@@ -293,7 +293,7 @@ def classify_probe(
             f"or give {name} the upstream its links come from",
         )
     if status == 502 and own:
-        dial = "%s:%d" % upstream.dial
+        dial = "{}:{}".format(*upstream.dial)
         return Check(
             name, check, FAIL, f"{detail}: {via} is unreachable",
             f"trackproxy's log says why (connect_error, tls_error); check that this host "
@@ -505,7 +505,7 @@ class Doctor:
         unverified = ""
         try:
             sock = _connect_tls(*target, name, _tls_context(self.ca_files, self.also_trusted, verify=True))
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             checks = [judge_certificate(name, where, sock.getpeercert() or {}, now)]
         except (OSError, ssl.SSLError) as e:
             detail, hint = classify_tls_error(e, where, domain, self.config.path)

@@ -287,7 +287,7 @@ def report_certificates(
         elif state.context is not None:
             loaded.append(state)
     if len(loaded) > REPORT_EACH_UP_TO:
-        first = min(loaded, key=lambda s: s.not_after or datetime.datetime.max.replace(tzinfo=datetime.timezone.utc))
+        first = min(loaded, key=lambda s: s.not_after or datetime.datetime.max.replace(tzinfo=datetime.UTC))
         log.info(
             "certificates loaded for {count} domains; the first to end is {domain}'s, at {not_after}",
             count=len(loaded),

@@ -78,7 +78,7 @@ def health_document(ok: int, failed: int, last_error: str | None, last_error_at:
     """The ``upstream_health`` object of ``/status`` (also from several processes' counts)."""
     at = None
     if last_error_at is not None:
-        at = datetime.datetime.fromtimestamp(last_error_at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        at = datetime.datetime.fromtimestamp(last_error_at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     total = ok + failed
     return {"last_error": last_error, "last_error_at": at,
             "failed_ratio_5m": round(failed / total, 4) if total else 0.0}

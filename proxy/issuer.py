@@ -130,7 +130,7 @@ def read_outcome(exit_code: int, output: str) -> CertbotOutcome:
     match = _RETRY_AFTER.search(output)
     if match:
         moment = datetime.datetime.fromisoformat(match.group(1).replace(" ", "T"))
-        retry_after = moment.replace(tzinfo=datetime.timezone.utc).timestamp()
+        retry_after = moment.replace(tzinfo=datetime.UTC).timestamp()
     return CertbotOutcome(ok=False, error=_reason(output, exit_code), retry_after=retry_after)
 
 

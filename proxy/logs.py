@@ -14,12 +14,12 @@ from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
-    Logger,
     ILogFilterPredicate,
     ILogObserver,
-    PredicateResult,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     globalLogBeginner,
 )

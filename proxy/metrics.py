@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -26,10 +26,6 @@ UNKNOWN_DOMAIN = "_unknown"
 _METHODS = {m.encode("ascii"): m for m in KNOWN_METHODS}
 #: Request latencies of a proxy in front of a redirect service: most well under 1 s.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-# *_created series double the series count and no dashboard of ours reads them.
-disable_created_metrics()
-
 
 class Metrics:
     """Every metric trackproxy exports, registered in ``registry``.

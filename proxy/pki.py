@@ -99,7 +99,7 @@ class Authority:
     @classmethod
     def create(
         cls, common_name: str, not_before: datetime.datetime, not_after: datetime.datetime
-    ) -> "Authority":
+    ) -> Authority:
         key = new_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         cert = (
@@ -118,7 +118,7 @@ class Authority:
         return cls(cert, key)
 
     @classmethod
-    def from_pem(cls, cert: bytes, key: bytes) -> "Authority":
+    def from_pem(cls, cert: bytes, key: bytes) -> Authority:
         return cls(x509.load_pem_x509_certificate(cert), load_key(key))
 
     def issue(

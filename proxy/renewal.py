@@ -204,7 +204,7 @@ class RenewalManager:
             verdict="unavailable" if unavailable else "failed",
             error=error,
             failures=failures,
-            next_attempt=iso(datetime.datetime.fromtimestamp(wait_until, datetime.timezone.utc)),
+            next_attempt=iso(datetime.datetime.fromtimestamp(wait_until, datetime.UTC)),
         )
 
 

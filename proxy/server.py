@@ -105,7 +105,7 @@ class IncomingRequest:
         "domain_label", "cache_label", "code", "sent", "_channel",
     )
 
-    def __init__(self, channel: "HTTPServerProtocol | None" = None) -> None:
+    def __init__(self, channel: HTTPServerProtocol | None = None) -> None:
         self._channel = channel
         self.method = b""
         self.target = b""
@@ -149,7 +149,7 @@ Finished = Callable[[IncomingRequest], None]
 class HTTPServerProtocol(Protocol):
     """One client connection (plain TCP, or inside ``tls.CountingTLSProtocol``)."""
 
-    def __init__(self, factory: "HTTPFactory") -> None:
+    def __init__(self, factory: HTTPFactory) -> None:
         self.factory = factory
         self._parser = httptools.HttpRequestParser(self)
         self._parsing: IncomingRequest | None = None

@@ -75,7 +75,7 @@ class ConnectionLimit(WrappingFactory):
 
 
 def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def new_metrics(serving: bool = True, management: bool = True) -> Metrics:

@@ -93,7 +93,7 @@ def ensure_certificates(directory: str, name: str, now: datetime.datetime | None
     """The stand-in's CA and its certificate for ``name`` in ``directory``, made when
     missing or near their end (kept otherwise, so a ``ca_file`` pointing here stays good).
     """
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     ca_path, ca_key_path = os.path.join(directory, CA_FILE), os.path.join(directory, CA_KEY)
     cert_path, key_path = os.path.join(directory, f"{name}.pem"), os.path.join(directory, f"{name}.key")
@@ -184,7 +184,7 @@ def describe(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], s
 class StandInProtocol(Protocol):
     """One client connection: requests answered in order (pipelining included)."""
 
-    def __init__(self, stand_in: "StandIn") -> None:
+    def __init__(self, stand_in: StandIn) -> None:
         self._stand_in = stand_in
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[tuple[bytes, bytes, list[tuple[bytes, bytes]], bool]] = deque()

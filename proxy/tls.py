@@ -43,6 +43,7 @@ from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
 # Twisted's own test for "the peer just went away" (private; the same rule as its own).
 from twisted.protocols.tls import _representsEOF as represents_eof
 from twisted.python.failure import Failure
@@ -111,7 +112,6 @@ class ServerTLS:
         self._contexts: Mapping[str, SSL.Context | CertifiedKey] = MappingProxyType({})
         self._recent: OrderedDict[int, CertifiedKey] = OrderedDict()
         self._default = self._build_default_context()
-        install_quiet_excepthook()
 
     def _build_default_context(self) -> SSL.Context:
         ctx = server_context()

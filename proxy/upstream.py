@@ -150,7 +150,7 @@ class _Exchange:
 class _Connection(Protocol):
     """One connection to the upstream: one exchange at a time, answers parsed by llhttp."""
 
-    def __init__(self, client: "UpstreamClient", generation: int) -> None:
+    def __init__(self, client: UpstreamClient, generation: int) -> None:
         self._client = client
         self.generation = generation
         self.created = client.clock.seconds()
@@ -319,7 +319,7 @@ class _ConnectionFactory(ClientFactory):
 
     noisy = False
 
-    def __init__(self, client: "UpstreamClient", exchange: _Exchange) -> None:
+    def __init__(self, client: UpstreamClient, exchange: _Exchange) -> None:
         self._client = client
         self._exchange = exchange
 

@@ -6,9 +6,9 @@ handed down: it adopts them, serves them with its own :class:`~proxy.frontend.Fr
 channel: ``start`` and ``reload`` (with the parent's copy of the YAML text: every
 process parses the same bytes, and a worker started after a crash serves what the
 others serve, not what the file on disk says now), ``certificates`` (re-read what
-changed), ``metrics`` (its exposition) and ``status`` (its cache and upstream counts). It runs no certbot, no admin listener and
-sends nothing to systemd. It stops on ``SIGTERM`` (answers under way go out first) and
-when its parent goes away.
+changed), ``metrics`` (its exposition) and ``status`` (its cache and upstream counts).
+It runs no certbot, no admin listener and sends nothing to systemd. It stops on
+``SIGTERM`` (answers under way go out first) and when its parent goes away.
 """
 
 from __future__ import annotations
@@ -136,20 +136,12 @@ def _end_with_parent() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     _end_with_parent()
-    from proxy.reactor import install
+    from proxy import process
 
-    reactor = install()
-
-    from twisted.internet.task import LoopingCall
+    reactor = process.prepare()
 
     from proxy.control import ChannelFactory, ControlChannel
-    from proxy.logs import raise_open_files_limit, start_logging
 
-    raise_open_files_limit()
-    shortage = start_logging()
-    watch = LoopingCall(shortage.tick)
-    watch.clock = reactor
-    watch.start(1.0, now=False)
     worker = Worker(reactor, args.index, args.listener)
     channel = ControlChannel(worker.handle, on_lost=worker.parent_gone)
     reactor.adoptStreamConnection(args.control, socket.AF_UNIX, ChannelFactory(channel))

@@ -45,7 +45,7 @@ from proxy import endpoints
 from proxy.cache import ResponseCache
 from proxy.certs import CertificateState, CertificateStore, ensure_self_signed
 from proxy.config import Config, parse_config
-from proxy.control import ChannelFactory, ControlChannel, ControlError
+from proxy.control import ChannelFactory, ControlChannel
 from proxy.frontend import build_runtime, report_certificates
 from proxy.health import HealthBook, health_document
 from proxy.service import ListenError, Management, new_metrics, utc_now
@@ -72,7 +72,7 @@ def worker_count(config: Config) -> int:
 class WorkerProcess(ProcessProtocol):
     """One worker: its process, its control channel, whether it is serving."""
 
-    def __init__(self, supervisor: "Supervisor", index: int) -> None:
+    def __init__(self, supervisor: Supervisor, index: int) -> None:
         self._supervisor = supervisor
         self.index = index
         self.pid: int | None = None

@@ -119,7 +119,7 @@ class Pebble:
 
     # -- life cycle
 
-    def start(self, ready_within: float = 15.0) -> "Pebble":
+    def start(self, ready_within: float = 15.0) -> Pebble:
         """Write the certificate and config, start both servers, wait until ACME answers.
 
         Raises:
@@ -239,7 +239,7 @@ class Pebble:
                 process.kill()
                 process.wait(timeout=10)
 
-    def __enter__(self) -> "Pebble":
+    def __enter__(self) -> Pebble:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import pki
 
@@ -56,7 +56,7 @@ class LocalCA:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self._authority = pki.Authority.create(
             "trackproxy e2e test CA", now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30)
         )
@@ -72,7 +72,7 @@ class LocalCA:
             The certificate file (the leaf alone: the root is the trust anchor, so the
             chain has nothing else to carry) and its private key file (mode 0600).
         """
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert, key = self._authority.issue(
             host, now - datetime.timedelta(hours=1), now + datetime.timedelta(days=10), ips=[ip] if ip else ()
         )
@@ -167,7 +167,7 @@ class Script:
     drop: bool = False
 
     @classmethod
-    def parse(cls, path: str) -> "Script":
+    def parse(cls, path: str) -> Script:
         segments = path.split("?", 1)[0].split("/")[1:]
         found: dict[str, Any] = {}
         headers: list[tuple[str, str]] = []
@@ -224,7 +224,7 @@ def scripted_path(
 class _UpstreamHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30  # an idle pooled connection ends eventually, so does its thread
-    server: "_StandInServer"
+    server: _StandInServer
 
     def version_string(self) -> str:
         return "msys-http"
@@ -317,7 +317,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
 
 class _StandInServer(ThreadingHTTPServer):
     daemon_threads = True
-    stand_in: "UpstreamStandIn"
+    stand_in: UpstreamStandIn
 
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
         # Runs in the connection's own thread, as does its handler: per-connection facts
@@ -785,7 +785,7 @@ def wait_closed(sock: socket.socket, within: float) -> float:
         sock.settimeout(remaining)
         try:
             data = sock.recv(65536)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise TimeoutError(f"connection still open after {within}s") from None
         except (ssl.SSLError, ConnectionError):
             data = b""  # an alert or a reset: closed all the same

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.access import KEY_FILE, AccessLog, load_or_create_key, redact
+
 from support import TLS, LocalCA, UpstreamStandIn, request, start_proxy
 
 KEY = b"k" * 32

@@ -16,8 +16,8 @@ from proxy.acme import ChallengeStore
 from proxy.cache import ResponseCache, cache_key, storable_ttl
 from proxy.config import parse_config
 from proxy.forward import Router, prepare
-from proxy.server import HTTPFactory
 from proxy.metrics import Metrics
+from proxy.server import HTTPFactory
 from proxy.upstream import UpstreamError, UpstreamResponse
 
 

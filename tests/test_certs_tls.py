@@ -19,7 +19,7 @@ from proxy.certs import CertificateStore, certificate_files
 from proxy.config import parse_config
 from proxy.tls import ServerTLS, normalise_server_name
 
-NOW = datetime.datetime(2026, 11, 22, 10, 0, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2026, 11, 22, 10, 0, tzinfo=datetime.UTC)
 
 
 def make_pair(directory, name, not_after=NOW + datetime.timedelta(days=90), key=None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import socket
 import ssl
 import struct
 import subprocess
@@ -46,8 +45,16 @@ from proxy.doctor import (
 )
 from proxy.preflight import CAA as CAA_TYPE
 from proxy.preflight import CAAFound, CAARecord, Resolution, find_caa, resolve
+
 from support import (
-    LANDING_URL, REPO_ROOT, LocalCA, ProxyProcess, UpstreamStandIn, free_port, poll, start_proxy,
+    LANDING_URL,
+    REPO_ROOT,
+    LocalCA,
+    ProxyProcess,
+    UpstreamStandIn,
+    free_port,
+    poll,
+    start_proxy,
 )
 
 LE = "https://acme-v02.api.letsencrypt.org/directory"
@@ -334,7 +341,7 @@ def ssl_error(reason: str) -> ssl.SSLError:
          f"{WHERE}: TLS handshake failed: WRONG_VERSION_NUMBER", "is trackproxy what listens"),
         (ConnectionRefusedError(111, "Connection refused"), TRACK,
          f"{WHERE}: connection refused, nothing listens there", "start trackproxy"),
-        (socket.timeout("timed out"), TRACK, f"{WHERE}: no answer within 5s", "TCP port 443"),
+        (TimeoutError("timed out"), TRACK, f"{WHERE}: no answer within 5s", "TCP port 443"),
     ],
     ids=["self-signed", "missing-chain", "expired", "name-mismatch", "unrecognized-name",
          "not-tls", "refused", "timeout"],
@@ -358,7 +365,7 @@ def test_judge_certificate_shows_issuer_and_not_after() -> None:
         ),
         "notAfter": "Feb 20 10:00:00 2027 GMT",
     }
-    now = datetime.datetime(2027, 1, 21, 10, 0, tzinfo=datetime.timezone.utc)
+    now = datetime.datetime(2027, 1, 21, 10, 0, tzinfo=datetime.UTC)
     assert judge_certificate(NAME, WHERE, peer, now) == Check(
         NAME, "https", PASS,
         f"{WHERE}: certificate for {NAME} issued by R11 (Let's Encrypt), "

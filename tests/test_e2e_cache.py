@@ -252,7 +252,7 @@ def raw_exchange(port: int, data: bytes) -> tuple[bytes, bytes]:
 
 def header_lines(head: bytes) -> dict[str, str]:
     lines = head.decode("latin-1").split("\r\n")[1:]
-    return {name.strip().lower(): value.strip() for name, _, value in (l.partition(":") for l in lines)}
+    return {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
 
 
 # ---------------------------------------------------------------------------

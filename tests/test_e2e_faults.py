@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from proxy import pki
+
 from support import LOOPBACK, LocalCA, ProxyProcess, free_port, poll, request, scrape, start_proxy
 
 TRACK = "track.example.test"
@@ -106,7 +107,7 @@ def platform(ca: LocalCA) -> Iterator[FaultyPlatform]:
 @pytest.fixture(scope="module")
 def expired_platform(tmp_path_factory: pytest.TempPathFactory, ca: LocalCA) -> Iterator[FaultyPlatform]:
     directory = tmp_path_factory.mktemp("expired")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     authority = pki.Authority.from_pem(ca.cert_path.read_bytes(), pki.key_pem(ca._authority.key))
     cert, key = authority.issue("spgo.io", now - datetime.timedelta(days=10), now - datetime.timedelta(days=1))
     (directory / "c.pem").write_bytes(pki.cert_pem(cert))

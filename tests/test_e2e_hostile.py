@@ -59,7 +59,7 @@ def read_until_closed(sock: socket.socket, within: float) -> tuple[bytes, float]
             data += chunk
     except (ConnectionError, ssl.SSLError):
         pass
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise AssertionError(f"still open after {within}s; got {data!r}")
     return data, time.monotonic() - started
 

@@ -359,7 +359,7 @@ def test_a_yaml_with_a_typo_is_refused_with_file_line_col_and_the_old_config_kee
     good = proxy.config_path.read_text()
     edit_config(proxy, lambda c: c["domains"][TRACK].update(cache_tll="5s"))
     text = proxy.config_path.read_text()
-    line_number, line = next((i, l) for i, l in enumerate(text.splitlines(), 1) if "cache_tll" in l)
+    line_number, line = next((i, s) for i, s in enumerate(text.splitlines(), 1) if "cache_tll" in s)
     where = f"trackproxy.yaml:{line_number}:{line.index('cache_tll') + 1}"
     loaded_at = status(proxy)["config"]["loaded_at"]
     proxy.mark_log()
@@ -373,8 +373,8 @@ def test_a_yaml_with_a_typo_is_refused_with_file_line_col_and_the_old_config_kee
     refused = run_trackproxy("reload", "-c", str(proxy.config_path))
     assert refused.returncode == 1, refused
     assert any(
-        re.search(re.escape(f"{proxy.config_path}:{line_number}:") + r"\d+:", l) and where in l
-        for l in refused.stderr.splitlines()
+        re.search(re.escape(f"{proxy.config_path}:{line_number}:") + r"\d+:", said) and where in said
+        for said in refused.stderr.splitlines()
     ), refused.stderr
 
     metrics = scrape(proxy.admin_port)

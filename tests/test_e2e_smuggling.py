@@ -11,7 +11,6 @@ forwards with a Content-Length of its own.
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import Iterator
 
@@ -45,7 +44,7 @@ def exchange(proxy: ProxyProcess, data: bytes, tls: bool) -> bytes:
         try:
             while chunk := sock.recv(65536):
                 answer += chunk
-        except (ConnectionError, ssl.SSLError, socket.timeout, TimeoutError):
+        except (ConnectionError, ssl.SSLError, TimeoutError):
             pass
     return answer
 

@@ -6,19 +6,15 @@ killed worker's requests in flight).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import signal
 import ssl
 import threading
-import time
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
-
-import pytest
 
 from proxy import pki
+
 from support import (
     LOOPBACK,
     TLS,
@@ -97,7 +93,7 @@ def test_a_hundred_reloads_good_and_broken_under_traffic_fail_no_request(tmp_pat
             proxy.config_path.write_text(broken if i % 2 else good)
             outcomes.append(post_reload(proxy.admin_port))
             served = load.ok
-            poll(lambda: load.ok >= served + 2, 10, "requests between two reloads", interval=0.005)
+            poll(lambda served=served: load.ok >= served + 2, 10, "requests between two reloads", interval=0.005)
         load.stop()
         assert outcomes == [200, 422] * 50
         assert load.failed == [] and load.ok >= 200, (load.ok, load.failed[:5])
@@ -130,7 +126,7 @@ def test_twenty_certificate_replacements_fail_no_handshake(tmp_path, ca: LocalCA
 
         load = Load(handshake)
         authority = pki.Authority.from_pem(ca.cert_path.read_bytes(), pki.key_pem(ca._authority.key))
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         directory = proxy.config_path.parent
         for i in range(20):
             cert, key = authority.issue(OWN, now - datetime.timedelta(hours=1), now + datetime.timedelta(days=5 + i))
@@ -139,7 +135,7 @@ def test_twenty_certificate_replacements_fail_no_handshake(tmp_path, ca: LocalCA
                 os.replace(directory / f".{name}.new", directory / name)  # as certbot's deploy does
             assert post_reload(proxy.admin_port) == 200
             served = load.ok
-            poll(lambda: load.ok >= served + 4, 10, "handshakes between two replacements", interval=0.005)
+            poll(lambda served=served: load.ok >= served + 4, 10, "handshakes between two replacements", interval=0.005)
         load.stop()
         assert load.failed == [], load.failed[:5]
         assert len(serials) > 10, "the replacements were served"

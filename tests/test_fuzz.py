@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
-import socket
 import re
+import socket
 import string
 
 import pytest

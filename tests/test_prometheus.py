@@ -31,6 +31,7 @@ import yaml
 from cryptography import x509
 
 from proxy import pki
+
 from support import (
     LOOPBACK,
     REPO_ROOT,
@@ -234,7 +235,7 @@ def short_lived_certificate(directory: Path, host: str, days: float) -> tuple[Pa
     Returns:
         The certificate file, its key file, and its not-after.
     """
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     not_after = now + datetime.timedelta(days=days)
     cert, key = pki.self_signed(host, now - datetime.timedelta(hours=1), not_after)
     cert_path, key_path = directory / f"{host}.pem", directory / f"{host}.key"

@@ -26,18 +26,23 @@ from twisted.internet.testing import MemoryReactorClock
 from proxy import issuer as issuer_module
 from proxy.certs import STATUSES, AcmeRecord, AcmeRecords, CertificateState, CertificateView, describe
 from proxy.config import AcmeSettings, load_config, parse_config
+from proxy.forward import prepare
 from proxy.issuer import (
-    CERTBOT_MAIN, NO_RELOAD_ENV, CertbotIssuer, CertbotOutcome, certbot_command, certbot_environment,
+    CERTBOT_MAIN,
+    NO_RELOAD_ENV,
+    CertbotIssuer,
+    CertbotOutcome,
+    certbot_command,
+    certbot_environment,
     read_outcome,
 )
 from proxy.metrics import Metrics
 from proxy.preflight import Verdict
 from proxy.renewal import BACKOFF_BASE, BACKOFF_MAX, BUSY_RETRY, RenewalManager, backoff
 from proxy.service import CERTIFICATE_CHECK_INTERVAL, ProxyService
-from proxy.forward import prepare
 from proxy.upstream import UpstreamResponse
 
-T0 = datetime.datetime(2026, 11, 22, 10, 0, tzinfo=datetime.timezone.utc)
+T0 = datetime.datetime(2026, 11, 22, 10, 0, tzinfo=datetime.UTC)
 RENEW_BEFORE = 30 * 86400.0
 SERVING = SSL.Context(SSL.TLS_SERVER_METHOD)  # stands for "a usable certificate is loaded"
 A, B = "a.example.com", "b.example.com"

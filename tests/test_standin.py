@@ -24,6 +24,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from proxy import standin
+
 from support import REPO_ROOT, TLS, free_port, poll, request
 
 
@@ -105,7 +106,7 @@ def test_certificates_are_made_once_and_kept(tmp_path):
 def test_certificates_near_their_end_are_made_again(tmp_path):
     files = standin.ensure_certificates(str(tmp_path), "spgo.io")
     leaf_before = Path(files.cert).read_bytes()
-    later = datetime.datetime.now(datetime.timezone.utc) + standin.LEAF_LIFETIME - datetime.timedelta(days=1)
+    later = datetime.datetime.now(datetime.UTC) + standin.LEAF_LIFETIME - datetime.timedelta(days=1)
     standin.ensure_certificates(str(tmp_path), "spgo.io", now=later)
     assert Path(files.cert).read_bytes() != leaf_before
     other = standin.ensure_certificates(str(tmp_path), "eu.spgo.io")

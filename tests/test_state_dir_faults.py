@@ -18,6 +18,7 @@ import pytest
 from certbot import errors
 
 from proxy.certs import AcmeRecord, AcmeRecords
+
 from support import LOOPBACK, TLS, request, start_proxy
 
 TRACK = "track.example.test"
@@ -70,9 +71,8 @@ def test_acme_records_are_kept_in_memory_and_the_write_error_said_when_the_disk_
 
 @pytest.mark.parametrize("fault", [fill, read_only], ids=["full", "read-only"])
 def test_the_plugin_says_why_and_leaves_nothing_half_written(small_fs, tmp_path, fault, monkeypatch):
-    from certbot._internal.plugins import disco
-
     import test_plugin
+    from certbot._internal.plugins import disco
 
     monkeypatch.setenv("HOME", str(tmp_path))
     state = small_fs / "state"

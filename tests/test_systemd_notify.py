@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from proxy.systemd import Notifier
+
 from support import children, start_proxy
 
 

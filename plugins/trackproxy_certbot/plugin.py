@@ -118,7 +118,8 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
             response, validation = achall.response_and_validation()
             answer = validation.encode("utf-8")
             try:
-                statedir.write_atomically(os.path.join(directory, _token_of(achall)), answer, _CHALLENGE_FILE_MODE, owner)
+                path = os.path.join(directory, _token_of(achall))
+                statedir.write_atomically(path, answer, _CHALLENGE_FILE_MODE, owner)
             except OSError as e:
                 raise errors.PluginError(f"cannot write the challenge answer: {e}") from e
             responses.append(response)
