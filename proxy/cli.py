@@ -376,8 +376,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_stand_in(args: argparse.Namespace) -> int:
-    from proxy.config import normalise_domain, parse_duration
     from proxy.standin import default_directory, run
+    from proxy.values import normalise_domain, parse_duration
 
     try:
         delay = parse_duration(args.delay)

@@ -6,8 +6,10 @@ sockets, no reactor, no certificates (those belong to ``certs`` and ``tls``).
 
 Every problem is reported as one ``FILE:LINE:COL: message`` line (1-based), and all
 problems of a file are collected before giving up, so one ``check-config`` run shows
-everything that needs fixing. The YAML is composed into nodes rather than loaded into
-plain Python values so that each value still knows where it came from.
+everything that needs fixing. Three helpers hold what is not about trackproxy's keys:
+``yamlnodes`` (the position-keeping reader and the errors), ``values`` (durations,
+sizes, host names) and ``presets`` (the platforms built in). What stays here is the
+frozen model and what each section of the file may hold.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
-import idna
 import yaml
 
 from proxy.endpoints import local_address, parse_endpoint
+from proxy.presets import preset_for
+from proxy.values import normalise_domain, parse_host_port
+from proxy.yamlnodes import ConfigError, ConfigErrors, Reader, Reported, Warning_, compose
 
 DEFAULT_CONFIG_PATH = "/etc/trackproxy/trackproxy.yaml"
 CONFIG_ENV = "TRACKPROXY_CONFIG"
@@ -34,80 +37,7 @@ CERTIFICATE_KINDS = ("acme", "self-signed", "none")
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # ---------------------------------------------------------------------------
-# Errors
-
-
-@attrs.frozen
-class ConfigError:
-    """One problem in a configuration file, with where it is."""
-
-    file: str
-    line: int
-    column: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.message}"
-
-
-class ConfigErrors(Exception):
-    """A configuration file was refused; ``errors`` says every reason."""
-
-    def __init__(self, errors: Iterable[ConfigError]) -> None:
-        self.errors = tuple(errors)
-        super().__init__("\n".join(str(e) for e in self.errors))
-
-
-# ---------------------------------------------------------------------------
 # The frozen configuration
-
-
-@attrs.frozen
-class Preset:
-    """A platform's tracking endpoint as its own guide describes it."""
-
-    url: str
-    probe_path: str = "/f/a/b/c/d"
-    methods: tuple[str, ...] | None = None
-    max_request_header_bytes: int | None = None
-
-
-PRESETS: Mapping[str, Preset] = MappingProxyType(
-    {
-        "sparkpost": Preset("https://spgo.io"),
-        "sparkpost-eu": Preset("https://eu.spgo.io"),
-        "sparkpost-v2": Preset("https://v2.spgo.io"),
-        "sparkpost-eu-v2": Preset("https://eu.v2.spgo.io"),
-        "sendgrid": Preset("https://sendgrid.net"),
-        # Mailgun's tracking host accepts plain HTTP only; start-up warns about it.
-        "mailgun": Preset("http://mailgun.org"),
-        "mailgun-eu": Preset("http://eu.mailgun.org"),
-        "customerio": Preset("https://track.customer.io"),
-        "customerio-eu": Preset("https://track-eu.customer.io"),
-        # Iterable's links need POST (and cookies, which always pass).
-        "iterable": Preset("https://links.iterable.com", methods=("GET", "HEAD", "POST")),
-        "iterable-eu": Preset(
-            "https://links.eu.iterable.com", methods=("GET", "HEAD", "POST")
-        ),
-    }
-)
-_SES_PRESET = re.compile(r"^ses-([a-z]{2}(?:-gov)?-[a-z]+-[0-9])$")
-#: Amazon SES click tracking refuses requests with 8 KiB or more of headers.
-SES_MAX_HEADER_BYTES = 8192
-
-
-def preset_for(name: str) -> Preset | None:
-    """The built-in preset called ``name``, including the ``ses-REGION`` family."""
-    preset = PRESETS.get(name)
-    if preset is not None:
-        return preset
-    match = _SES_PRESET.match(name)
-    if match:
-        return Preset(
-            f"https://r.{match.group(1)}.awstrack.me",
-            max_request_header_bytes=SES_MAX_HEADER_BYTES,
-        )
-    return None
 
 
 @attrs.frozen
@@ -197,19 +127,6 @@ class Limits:
 
 
 @attrs.frozen
-class Warning_:
-    """Something allowed but worth an operator's attention (e.g. plain-HTTP upstream)."""
-
-    file: str
-    line: int
-    column: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: warning: {self.message}"
-
-
-@attrs.frozen
 class Config:
     """The whole configuration, immutable; a reload builds a new one."""
 
@@ -231,104 +148,7 @@ class Config:
 # ---------------------------------------------------------------------------
 # Values
 
-
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?$")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^([0-9]+)\s*(B|KiB|MiB|GiB|K|M|G|KB|MB|GB)?$")
-_SIZE_UNITS = {
-    None: 1, "B": 1,
-    "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
-    # Operators write K/M/G meaning the binary units; nginx does the same.
-    "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
-}
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``10s``, ``5m``, ``2h``, ``30d``, ``250ms`` or a bare number."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 10s, 5m, 2h or 30d")
-    if isinstance(value, (int, float)):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("a duration must be a finite number")
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    match = _DURATION.match(str(value).strip())
-    if not match:
-        raise ValueError(f"{value!r} is not a duration (use e.g. 10s, 5m, 2h, 30d)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from ``64MiB``, ``16KiB`` or a bare number of bytes."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 16KiB or 64MiB")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    match = _SIZE.match(str(value).strip())
-    if not match:
-        raise ValueError(f"{value!r} is not a size (use e.g. 16KiB, 64MiB or bytes)")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
-
-
-def normalise_domain(name: str) -> str:
-    """The canonical form of a configured host name: lower-case IDNA, no trailing dot.
-
-    Raises:
-        ValueError: the name is not a host name trackproxy can serve.
-    """
-    name = name.strip().rstrip(".").lower()
-    if not name:
-        raise ValueError("empty domain name")
-    if "*" in name:
-        raise ValueError(
-            f"{name!r}: wildcard domains are not supported (HTTP-01 cannot validate them)"
-        )
-    if not name.isascii():
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except idna.IDNAError as e:
-            raise ValueError(f"{name!r} is not a valid internationalised name: {e}")
-    if len(name) > 253:
-        raise ValueError(f"{name!r} is longer than 253 characters")
-    for label in name.split("."):
-        if not _HOST_LABEL.match(label):
-            raise ValueError(f"{name!r} is not a valid host name")
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"{name!r} is an IP address; a tracking domain is a name")
-    return name
-
-
-def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into a tuple."""
-    value = value.strip()
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{value!r} is not HOST:PORT")
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep:
-            host, port_text = value, ""
-    if not host:
-        raise ValueError(f"{value!r} has no host")
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"{value!r} has no port (expected HOST:PORT)")
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
-    return host, int(port_text)
 
 
 def check_endpoint(description: str) -> None:
@@ -341,227 +161,10 @@ def check_endpoint(description: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Reading nodes
-
-
-class _Reader:
-    """Walks the composed YAML, converting values and collecting every error."""
-
-    def __init__(self, path: str, base_dir: str) -> None:
-        self.path = path
-        self.base_dir = base_dir
-        self.errors: list[ConfigError] = []
-        self.warnings: list[Warning_] = []
-        self._constructor = yaml.constructor.SafeConstructor()
-
-    def _where(self, node: yaml.Node | None) -> tuple[int, int]:
-        if node is None:
-            return 1, 1
-        return node.start_mark.line + 1, node.start_mark.column + 1
-
-    def error(self, node: yaml.Node | None, message: str) -> None:
-        self.errors.append(ConfigError(self.path, *self._where(node), message))
-
-    def warn(self, node: yaml.Node | None, message: str) -> None:
-        self.warnings.append(Warning_(self.path, *self._where(node), message))
-
-    def scalar(self, node: yaml.Node) -> Any:
-        if node.tag == "tag:yaml.org,2002:str" and isinstance(node, yaml.ScalarNode):
-            return node.value  # most values are strings: no constructor round trip
-        try:
-            return self._constructor.construct_object(node, deep=True)
-        except (yaml.YAMLError, ValueError, TypeError) as e:
-            problem = getattr(e, "problem", None) or str(e)
-            raise self._fail(node, f"cannot read this value: {problem}")
-
-    def mapping(
-        self, node: yaml.Node, what: str, allowed: Iterable[str] | None = None
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
-        """A mapping's entries by key, with duplicate and unknown keys reported."""
-        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
-            return {}
-        if not isinstance(node, yaml.MappingNode):
-            self.error(node, f"{what} must be a mapping")
-            return None
-        entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        allowed_set = set(allowed) if allowed is not None else None
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                self.error(key_node, f"{what}: YAML merge keys (<<) are not supported; write the keys out")
-                continue
-            try:
-                key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-            except _Reported:
-                continue
-            if not isinstance(key, str):
-                self.error(key_node, f"{what}: keys must be strings")
-                continue
-            if key in entries:
-                self.error(key_node, f"{what}: duplicate key {key!r}")
-                continue
-            if allowed_set is not None and key not in allowed_set:
-                hint = _closest(key, allowed_set)
-                self.error(
-                    key_node,
-                    f"{what}: unknown key {key!r}"
-                    + (f" (did you mean {hint!r}?)" if hint else "")
-                    + f"; allowed: {', '.join(sorted(allowed_set))}",
-                )
-                continue
-            entries[key] = (key_node, value_node)
-        return entries
-
-    def value(
-        self,
-        entries: dict[str, tuple[yaml.Node, yaml.Node]] | None,
-        key: str,
-        what: str,
-        convert: Callable[[yaml.Node, str], Any],
-        default: Any,
-    ) -> Any:
-        """Convert ``entries[key]`` or return ``default``; on error report and default."""
-        if not entries or key not in entries:
-            return default
-        node = entries[key][1]
-        try:
-            return convert(node, f"{what}.{key}")
-        except _Reported:
-            return default
-
-    # Converters: each takes (node, what) and either returns or reports and raises.
-
-    def _fail(self, node: yaml.Node, message: str) -> _Reported:
-        self.error(node, message)
-        return _Reported()
-
-    def as_string(self, node: yaml.Node, what: str) -> str:
-        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
-        if not isinstance(value, str) or not value:
-            raise self._fail(node, f"{what} must be a non-empty string")
-        return value
-
-    def as_optional_string(self, node: yaml.Node, what: str) -> str | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
-            return None
-        return self.as_string(node, what)
-
-    def as_path(self, node: yaml.Node, what: str) -> str:
-        return os.path.normpath(os.path.join(self.base_dir, self.as_string(node, what)))
-
-    def as_optional_existing_file(self, node: yaml.Node, what: str) -> str | None:
-        if self.as_optional_string(node, what) is None:
-            return None
-        path = self.as_path(node, what)
-        if not os.path.isfile(path):
-            raise self._fail(node, f"{what}: no such file {path!r}")
-        return path
-
-    def as_optional_ca_file(self, node: yaml.Node, what: str) -> str | None:
-        """A CA bundle: an existing, readable file holding at least one PEM certificate
-        (checked here, so a bad file is a config error and not a crash at start or
-        reload)."""
-        path = self.as_optional_existing_file(node, what)
-        if path is None:
-            return None
-        from cryptography import x509
-
-        try:
-            with open(path, "rb") as f:
-                x509.load_pem_x509_certificates(f.read())
-        except OSError as e:
-            raise self._fail(node, f"{what}: cannot read {path!r}: {e.strerror or e}")
-        except ValueError:
-            raise self._fail(node, f"{what}: {path!r} holds no PEM certificate")
-        return path
-
-    def as_duration(self, node: yaml.Node, what: str) -> float:
-        try:
-            return parse_duration(self._plain(node, what))
-        except ValueError as e:
-            raise self._fail(node, f"{what}: {e}")
-
-    def as_positive_duration(self, node: yaml.Node, what: str) -> float:
-        seconds = self.as_duration(node, what)
-        if seconds <= 0:
-            raise self._fail(node, f"{what} must be more than 0")
-        return seconds
-
-    def as_cache_ttl(self, node: yaml.Node, what: str) -> float:
-        seconds = self.as_duration(node, what)
-        if 0 < seconds < 1:
-            # Below a second the cache absorbs nothing useful, and counts still inflate.
-            raise self._fail(node, f"{what}: use 0 to turn the cache off, or at least 1s")
-        return seconds
-
-    def as_size(self, node: yaml.Node, what: str) -> int:
-        try:
-            size = parse_size(self._plain(node, what))
-        except ValueError as e:
-            raise self._fail(node, f"{what}: {e}")
-        if size <= 0:
-            raise self._fail(node, f"{what} must be more than 0")
-        return size
-
-    def as_positive_int(self, node: yaml.Node, what: str) -> int:
-        value = self._plain(node, what)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self._fail(node, f"{what} must be a whole number of at least 1")
-        return value
-
-    def as_choice(self, choices: tuple[str, ...]) -> Callable[[yaml.Node, str], str]:
-        def convert(node: yaml.Node, what: str) -> str:
-            value = self._plain(node, what)
-            if value not in choices:
-                raise self._fail(node, f"{what} must be one of: {', '.join(choices)}")
-            return value
-
-        return convert
-
-    def as_list(
-        self, item: Callable[[yaml.Node, str], Any], allow_scalar: bool = False
-    ) -> Callable[[yaml.Node, str], tuple[Any, ...]]:
-        def convert(node: yaml.Node, what: str) -> tuple[Any, ...]:
-            if allow_scalar and isinstance(node, yaml.ScalarNode) and not node.tag.endswith(":null"):
-                return (item(node, what),)
-            if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
-                return ()
-            if not isinstance(node, yaml.SequenceNode):
-                raise self._fail(node, f"{what} must be a list")
-            results = []
-            failed = False
-            for i, child in enumerate(node.value):
-                try:
-                    results.append(item(child, f"{what}[{i}]"))
-                except _Reported:
-                    failed = True
-            if failed:
-                raise _Reported()
-            return tuple(results)
-
-        return convert
-
-    def _plain(self, node: yaml.Node, what: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            raise self._fail(node, f"{what} must be a single value")
-        return self.scalar(node)
-
-
-class _Reported(Exception):
-    """An error was already recorded for this node; unwind to the next value."""
-
-
-def _closest(word: str, candidates: Iterable[str]) -> str | None:
-    import difflib
-
-    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.7)
-    return matches[0] if matches else None
-
-
-# ---------------------------------------------------------------------------
 # Sections
 
 
-def _read_listen(r: _Reader, node: yaml.Node | None) -> Listen:
+def _read_listen(r: Reader, node: yaml.Node | None) -> Listen:
     if node is None:
         return Listen()
     entries = r.mapping(node, "listen", ("http", "https", "admin"))
@@ -583,7 +186,7 @@ def _read_listen(r: _Reader, node: yaml.Node | None) -> Listen:
     )
 
 
-def _read_acme(r: _Reader, node: yaml.Node | None) -> AcmeSettings:
+def _read_acme(r: Reader, node: yaml.Node | None) -> AcmeSettings:
     d = AcmeSettings()
     if node is None:
         return d
@@ -604,7 +207,7 @@ def _read_acme(r: _Reader, node: yaml.Node | None) -> AcmeSettings:
     )
 
 
-def _read_cache(r: _Reader, node: yaml.Node | None) -> CacheSettings:
+def _read_cache(r: Reader, node: yaml.Node | None) -> CacheSettings:
     d = CacheSettings()
     if node is None:
         return d
@@ -615,7 +218,7 @@ def _read_cache(r: _Reader, node: yaml.Node | None) -> CacheSettings:
     )
 
 
-def _read_limits(r: _Reader, node: yaml.Node | None) -> Limits:
+def _read_limits(r: Reader, node: yaml.Node | None) -> Limits:
     d = Limits()
     if node is None:
         return d
@@ -641,7 +244,7 @@ def _read_limits(r: _Reader, node: yaml.Node | None) -> Limits:
     )
 
 
-def _read_upstreams(r: _Reader, node: yaml.Node | None) -> dict[str, Upstream]:
+def _read_upstreams(r: Reader, node: yaml.Node | None) -> dict[str, Upstream]:
     if node is None:
         return {}
     entries = r.mapping(node, "upstreams") or {}
@@ -665,7 +268,7 @@ def _read_upstreams(r: _Reader, node: yaml.Node | None) -> dict[str, Upstream]:
         except ValueError as exc:
             r.error(url_node, f"{what}.url: {exc}")
             continue
-        except _Reported:
+        except Reported:
             continue
 
         def connect_to(n: yaml.Node, w: str) -> tuple[str, int] | None:
@@ -738,7 +341,7 @@ class _DomainSettings:
 _DOMAIN_KEYS = ("upstream", "certificate", "cache_ttl", "methods")
 
 
-def _read_domain_settings(r: _Reader, node: yaml.Node, what: str) -> _DomainSettings:
+def _read_domain_settings(r: Reader, node: yaml.Node, what: str) -> _DomainSettings:
     e = r.mapping(node, what, _DOMAIN_KEYS)
 
     def upstream(n: yaml.Node, w: str) -> tuple[str, yaml.Node]:
@@ -781,7 +384,7 @@ def _read_domain_settings(r: _Reader, node: yaml.Node, what: str) -> _DomainSett
 
 
 def _read_domains(
-    r: _Reader,
+    r: Reader,
     node: yaml.Node | None,
     defaults: _DomainSettings,
     upstreams: dict[str, Upstream],
@@ -844,21 +447,6 @@ _TOP_KEYS = (
 )
 
 
-#: libyaml when PyYAML has it: a 10,000-domain file composes in a fraction of the time.
-_FAST_LOADER = getattr(yaml, "CSafeLoader", None)
-
-
-def _compose(text: str) -> yaml.Node | None:
-    """The YAML's node tree, with positions. A file libyaml refuses is composed again by
-    the pure-Python loader, whose messages (and positions) are the ones documented."""
-    if _FAST_LOADER is not None:
-        try:
-            return yaml.compose(text, Loader=_FAST_LOADER)
-        except yaml.YAMLError:
-            pass
-    return yaml.compose(text, Loader=yaml.SafeLoader)
-
-
 def parse_config(text: str, path: str) -> Config:
     """Build a :class:`Config` from YAML text; ``path`` names it in errors.
 
@@ -866,9 +454,9 @@ def parse_config(text: str, path: str) -> Config:
         ConfigErrors: every problem found, each with its line and column.
     """
     base_dir = os.path.dirname(os.path.abspath(path))
-    r = _Reader(path, base_dir)
+    r = Reader(path, base_dir)
     try:
-        root = _compose(text)
+        root = compose(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)

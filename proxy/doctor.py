@@ -34,9 +34,10 @@ from twisted.internet.interfaces import IReactorCore, IResolver
 from twisted.python.failure import Failure
 
 from proxy import __version__
-from proxy.config import Config, Domain, normalise_domain
+from proxy.config import Config, Domain
 from proxy.endpoints import local_address, parse_endpoint
 from proxy.preflight import CAAFound, Resolution, ca_identities, caa_permits, find_caa, resolve, resolver_for
+from proxy.values import normalise_domain
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 CHECKS = ("dns", "caa", "https", "probe", "http")

@@ -16,7 +16,6 @@ import pytest
 
 from proxy.config import (
     DEFAULT_CONFIG_PATH,
-    SES_MAX_HEADER_BYTES,
     CertificateSpec,
     Config,
     ConfigError,
@@ -24,13 +23,10 @@ from proxy.config import (
     check_endpoint,
     config_path,
     load_config,
-    normalise_domain,
     parse_config,
-    parse_duration,
-    parse_host_port,
-    parse_size,
-    preset_for,
 )
+from proxy.presets import SES_MAX_HEADER_BYTES, preset_for
+from proxy.values import normalise_domain, parse_duration, parse_host_port, parse_size
 
 
 def _ca_pem() -> bytes:
