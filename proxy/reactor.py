@@ -21,7 +21,8 @@ What it changes, each measured on the request path:
   A proxy writes small answers to idle sockets, so a write to an empty buffer is sent
   at once here, and only what the kernel does not take waits for the reactor.
 
-Everything else is Twisted's reactor unchanged.
+Everything else is Twisted's reactor unchanged; what this needs of Twisted's private parts
+it reaches through :mod:`proxy.twistedcompat`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import socket
 from twisted.internet import epollreactor, tcp, unix
 from twisted.logger import Logger
 
+from proxy import twistedcompat
+
 log = Logger(namespace="trackproxy.reactor")
 
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
@@ -42,8 +45,7 @@ class _EagerWrites:
     """``write()`` sends at once when nothing is waiting to be sent before it."""
 
     def write(self, data: bytes) -> None:
-        if (data and self.connected and not self.disconnecting and not self._writeDisconnected  # type: ignore[attr-defined]
-                and not self._tempDataBuffer and self.offset == len(self.dataBuffer)):  # type: ignore[attr-defined]
+        if data and self.connected and not self.disconnecting and twistedcompat.nothing_waiting_to_send(self):  # type: ignore[attr-defined, arg-type]
             try:
                 sent = self.socket.send(data)  # type: ignore[attr-defined]
             except OSError:  # EAGAIN and the rest: Twisted's way finds out and reports it
@@ -79,13 +81,12 @@ class EagerPort(tcp.Port):
     transport = EagerServer
 
     def doRead(self) -> None:
-        self.numberAccepts = ACCEPTS_PER_TURN  # Twisted raises it after a full turn
+        twistedcompat.limit_accepts(self, ACCEPTS_PER_TURN)  # Twisted raises it after a full turn
         super().doRead()
 
 
-class EagerConnector(tcp.Connector):
-    def _makeTransport(self) -> EagerClient:
-        return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
+class EagerConnector(twistedcompat.Connector):
+    transport_class = EagerClient
 
 
 class SharedListenerReactor(epollreactor.EPollReactor):
@@ -94,10 +95,8 @@ class SharedListenerReactor(epollreactor.EPollReactor):
     def addReader(self, reader: object) -> None:
         fd = reader.fileno()  # type: ignore[attr-defined]
         if (EPOLLEXCLUSIVE and isinstance(reader, (tcp.Port, unix.Port))
-                and fd not in self._reads and fd not in self._writes):
-            self._poller.register(fd, select.EPOLLIN | EPOLLEXCLUSIVE)
-            self._reads.add(fd)
-            self._selectables[fd] = reader
+                and not twistedcompat.is_registered(self, fd)):
+            twistedcompat.register_reader(self, reader, fd, select.EPOLLIN | EPOLLEXCLUSIVE)
             return
         super().addReader(reader)
 
@@ -108,7 +107,8 @@ class SharedListenerReactor(epollreactor.EPollReactor):
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: object) -> object:
         if addressFamily in (socket.AF_INET, socket.AF_INET6):
-            listening = EagerPort._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
+            listening = twistedcompat.adopt_listening_descriptor(EagerPort, self, fileDescriptor, addressFamily,
+                                                                 factory)
             listening.startListening()
             return listening
         return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
@@ -121,13 +121,13 @@ class SharedListenerReactor(epollreactor.EPollReactor):
 
     def doPoll(self, timeout: float | None) -> None:
         try:
-            events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+            events = twistedcompat.poll(self, -1 if timeout is None else timeout)
         except OSError as err:
             if err.errno == errno.EINTR:
                 return
             raise
-        selectables = self._selectables
-        handle = self._doReadOrWrite
+        selectables = twistedcompat.selectables(self)
+        handle = twistedcompat.event_handler(self)
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:

@@ -41,13 +41,11 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.protocol import Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-
-# Twisted's own test for "the peer just went away" (private; the same rule as its own).
-from twisted.protocols.tls import _representsEOF as represents_eof
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from proxy.twistedcompat import LeanTLSProtocol, represents_eof
 
 #: How long one set of session-ticket keys (and the session cache) is used.
 SESSION_KEY_LIFETIME = 12 * 3600.0
@@ -199,53 +197,29 @@ def handshake_failure_reason(error: SSL.Error) -> str:
     return "other"
 
 
-class CountingTLSProtocol(TLSMemoryBIOProtocol):
+class CountingTLSProtocol(LeanTLSProtocol):
     """The HTTPS listener's TLS layer for one connection.
 
     Reports each handshake that fails with a TLS error, and why: a client that connects
     and goes away before finishing (a port scanner) is not a handshake failure, only an
-    OpenSSL error during the handshake counts.
-
-    Departures from Twisted's own, for the cost of a connection: :meth:`makeConnection`
-    does not re-declare every interface of the TCP transport on this object
-    (``directlyProvides`` twice per connection, about 25 µs; nothing here asks for
-    them) nor try a handshake step before the client has said anything; and closing
-    does not wait for the client's close_notify, which many clients never send: our
-    close_notify goes out, then the TCP connection closes.
+    OpenSSL error during the handshake counts. (What it does differently from Twisted's
+    own TLS layer, for the cost of a connection, is :class:`LeanTLSProtocol`'s.)
     """
 
     refusal: str | None = None
     #: The SNI the handshake was served for (normalised), set by the server-name callback.
     server_name: str | None = None
 
-    def makeConnection(self, transport: object) -> None:
-        # TLSMemoryBIOProtocol.makeConnection without the directlyProvides loops (and
-        # without registering with the factory twice).
-        self._tlsConnection = self.factory._creatorCallable(self)
-        self._appSendBuffer = []
-        Protocol.makeConnection(self, transport)
-        self.factory.registerProtocol(self)
-        if self._connectWrapped:
-            self.wrappedProtocol.makeConnection(self)
-        # No _checkHandshakeStatus() here: a server has nothing to send before the
-        # ClientHello arrives (dataReceived drives the handshake from there).
-
-    def _shutdownTLS(self) -> None:
-        super()._shutdownTLS()
-        if self.disconnecting and self.transport is not None:
-            self.transport.loseConnection()
-
-    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+    def tls_ended(self, reason: Failure | None) -> None:
         if (
             reason is not None
-            and not self._handshakeDone
+            and not self.handshake_done
             and isinstance(reason.value, SSL.Error)
             and not represents_eof(reason.value)
         ):
             report = getattr(self.factory, "on_handshake_failure", None)
             if report is not None:
                 report(self.refusal or handshake_failure_reason(reason.value))
-        super()._tlsShutdownFinished(reason)
 
 
 class CountingTLSFactory(TLSMemoryBIOFactory):
