@@ -11,15 +11,27 @@ next to the proxy. The same command line serves ``trackproxy certs``
 certbot keeps its account, lineages and logs under ``state_dir/certbot/``, so it runs
 as the proxy's unprivileged user and ``certbot renew`` finds the lineages there.
 Deciding *when* to run it is left to ``renewal``.
+
+A run's outcome is read from what certbot leaves on disk, never from what it prints
+(its wording changes between releases): its exit status; on success, the lineage
+(``live/DOMAIN/fullchain.pem`` and ``renewal/DOMAIN.conf``); on failure, the CA's own
+RFC 8555 problem document (``type``, ``detail``, and the response's ``Retry-After``),
+which certbot's ACME client records in its debug log with every response; and whether
+another certbot holds certbot's directory locks (``.certbot.lock``).
 """
 
 from __future__ import annotations
 
 import datetime
+import email.utils
+import errno
+import fcntl
+import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import attrs
 from twisted.internet import defer, error, protocol
@@ -28,8 +40,10 @@ from twisted.python.failure import Failure
 from proxy.config import AcmeSettings
 from proxy.statedir import certbot_dir
 
-#: Output kept from one certbot run: its verdict is in the last lines.
+#: Output kept from one certbot run (it is drained, not read: see the module's docstring).
 MAX_OUTPUT_BYTES = 64 * 1024
+#: The most of certbot's debug log read after a failed run.
+MAX_LOG_BYTES = 4 * 1024 * 1024
 #: A certbot run that takes longer than this is stuck (its own HTTP timeouts are 45 s).
 RUN_TIMEOUT = 600.0
 #: The plugin's restart() asks the running proxy to reload; when the proxy itself runs
@@ -38,13 +52,12 @@ NO_RELOAD_ENV = "TRACKPROXY_CERTBOT_NO_RELOAD"
 
 #: certbot's entry point, run by the interpreter given.
 CERTBOT_MAIN = "import sys; from certbot.main import main; sys.exit(main())"
-_BUSY = "Another instance of Certbot is already running"
+BUSY = "another certbot is running (it holds certbot's lock)"
+_ACME_ERROR = "urn:ietf:params:acme:error:"
+#: Let's Encrypt also writes the horizon into a rate limit's detail (the CA's words).
 _RETRY_AFTER = re.compile(r"retry after (\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?: UTC|Z)?", re.IGNORECASE)
-_NOISE = re.compile(
-    r"^(Saving debug log|Hint:|Ask for help|See the logfile|Some challenges have failed|"
-    r"Certbot failed to authenticate|The Certificate Authority reported|IMPORTANT NOTES|"
-    r"Requesting a certificate|Simulating|Plugins selected|Account registered|Missing command line flag)",
-)
+#: A record of certbot's debug log starts with its time: ``2026-12-02 01:25:19,374:``.
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}:(?P<level>[A-Z]+):(?P<logger>[^:]*):(?P<message>.*)$")
 
 
 def certbot_dirs(state_dir: str) -> dict[str, str]:
@@ -115,35 +128,135 @@ class CertbotOutcome:
     retry_after: float | None = None
 
 
-def read_outcome(exit_code: int, output: str) -> CertbotOutcome:
-    """Turn certbot's exit code and output into an outcome with a one-line reason.
-
-    certbot reports a CA's refusal as ``Type:``/``Detail:`` lines under the domain;
-    other failures end with their own line. The reason is the CA's words when there
-    are any, else certbot's last meaningful line.
-    """
+def read_outcome(exit_code: int, state_dir: str, domain: str, started: float) -> CertbotOutcome:
+    """How the certbot run for ``domain`` that started at ``started`` (epoch seconds)
+    ended, from its exit status and the files it left (see the module's docstring)."""
+    dirs = certbot_dirs(state_dir)
     if exit_code == 0:
-        return CertbotOutcome(ok=True)
-    if _BUSY in output:
-        return CertbotOutcome(ok=False, error=_BUSY, busy=True)
-    retry_after = None
-    match = _RETRY_AFTER.search(output)
+        live = os.path.join(dirs["config"], "live", domain, "fullchain.pem")
+        renewal = os.path.join(dirs["config"], "renewal", f"{domain}.conf")
+        if os.path.isfile(live) and os.path.isfile(renewal):
+            return CertbotOutcome(ok=True)
+        return CertbotOutcome(ok=False, error=f"certbot exited with success but left no lineage for {domain}")
+    if certbot_busy(state_dir):
+        return CertbotOutcome(ok=False, error=BUSY, busy=True)
+    log = _this_runs_log(os.path.join(dirs["logs"], "letsencrypt.log"), started)
+    problem = last_acme_problem(log)
+    if problem is not None:
+        return problem
+    last_error = next((m for level, m in reversed(list(_records(log))) if level in ("ERROR", "CRITICAL")), None)
+    return CertbotOutcome(ok=False, error=(last_error or f"certbot exited with status {exit_code}")[:500])
+
+
+def certbot_busy(state_dir: str) -> bool:
+    """Whether another certbot holds the lock on any of its directories (certbot locks
+    each with ``fcntl.lockf`` on ``DIR/.certbot.lock`` for as long as it runs)."""
+    for directory in certbot_dirs(state_dir).values():
+        try:
+            fd = os.open(os.path.join(directory, ".certbot.lock"), os.O_RDWR)
+        except OSError:
+            continue  # no lock file: nobody has run there, or nobody runs now
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+        finally:
+            os.close(fd)  # releases the probe's lock too
+    return False
+
+
+def _this_runs_log(path: str, started: float) -> str:
+    """certbot's debug log, if this run wrote it (certbot starts a new one per run)."""
+    try:
+        if os.stat(path).st_mtime < started - 1:
+            return ""
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - MAX_LOG_BYTES))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _records(log: str) -> Iterator[tuple[str, str]]:
+    """(level, message with its continuation lines) for each record of a debug log."""
+    level, lines = "", []  # type: tuple[str, list[str]]
+    for line in log.splitlines():
+        record = _LOG_RECORD.match(line)
+        if record:
+            if lines:
+                yield level, "\n".join(lines)
+            level, lines = record.group("level"), [record.group("message")]
+        else:
+            lines.append(line)
+    if lines:
+        yield level, "\n".join(lines)
+
+
+def last_acme_problem(log: str) -> CertbotOutcome | None:
+    """The CA's last problem document in a certbot debug log, as an outcome.
+
+    certbot's ACME client logs every response as ``Received response:`` followed by the
+    status line, the headers, a blank line and the JSON body. A body is a problem when
+    it is one (a refused order, a rate limit: RFC 8555 §6.7) or when it is an
+    authorization whose challenge carries an ``error`` (a failed validation).
+    """
+    found: CertbotOutcome | None = None
+    for _, message in _records(log):
+        if not message.startswith("Received response:"):
+            continue
+        head, _, body = message.partition("\n\n")
+        try:
+            document = json.loads(body)
+        except ValueError:
+            continue
+        problem = _problem_in(document)
+        if problem is None:
+            continue
+        kind = str(problem.get("type", "")).removeprefix(_ACME_ERROR)
+        detail = str(problem.get("detail", "")).strip()
+        error = (f"{kind}: {detail}" if kind and detail else kind or detail or "the CA refused")[:500]
+        found = CertbotOutcome(ok=False, error=error, retry_after=_retry_after(head, detail))
+    return found
+
+
+def _problem_in(document: object) -> dict | None:
+    if not isinstance(document, dict):
+        return None
+    if str(document.get("type", "")).startswith(_ACME_ERROR):
+        return document
+    for challenge in document.get("challenges") or ():
+        if isinstance(challenge, dict) and isinstance(challenge.get("error"), dict):
+            return challenge["error"]  # type: ignore[no-any-return]
+    return None
+
+
+def _retry_after(head: str, detail: str) -> float | None:
+    """When the CA says to ask again (epoch seconds): its ``Retry-After`` header, in
+    seconds from its ``Date`` or as an HTTP date, else a "retry after" in its detail."""
+    headers = {}
+    for line in head.splitlines()[2:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    value = headers.get("retry-after")
+    if value:
+        if value.isdigit():
+            try:
+                date = email.utils.parsedate_to_datetime(headers.get("date", ""))
+            except (TypeError, ValueError):
+                date = None
+            base = date.timestamp() if date is not None else datetime.datetime.now(datetime.UTC).timestamp()
+            return base + int(value)
+        try:
+            return email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            pass
+    match = _RETRY_AFTER.search(detail)
     if match:
         moment = datetime.datetime.fromisoformat(match.group(1).replace(" ", "T"))
-        retry_after = moment.replace(tzinfo=datetime.UTC).timestamp()
-    return CertbotOutcome(ok=False, error=_reason(output, exit_code), retry_after=retry_after)
-
-
-def _reason(output: str, exit_code: int) -> str:
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    kind = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Type:")), None)
-    detail = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Detail:")), None)
-    if detail:
-        return f"{kind}: {detail}" if kind else detail
-    meaningful = [line for line in lines if not _NOISE.match(line) and not line.startswith("-")]
-    if meaningful:
-        return meaningful[-1][:500]
-    return f"certbot exited with status {exit_code}"
+        return moment.replace(tzinfo=datetime.UTC).timestamp()
+    return None
 
 
 class _Collector(protocol.ProcessProtocol):
@@ -172,17 +285,23 @@ class CertbotIssuer:
         reactor: provides ``spawnProcess`` and ``callLater``.
         environ: the environment certbot starts from (``os.environ`` in service).
         python: the interpreter whose certbot and plugin are used.
+        wall_clock: epoch seconds now (to tell this run's debug log from an older one).
     """
 
-    def __init__(self, reactor: object, environ: Mapping[str, str], python: str = sys.executable) -> None:
+    def __init__(self, reactor: object, environ: Mapping[str, str], python: str = sys.executable,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._reactor = reactor
         self._environ = environ
         self._python = python
+        self._wall_clock = wall_clock
         self._running: object | None = None
 
     def issue(self, config_path: str, state_dir: str, acme: AcmeSettings, domain: str, force: bool) -> defer.Deferred:
         """Run certbot; fires with a :class:`CertbotOutcome` (never fails)."""
+        if certbot_busy(state_dir):  # an operator's certbot: do not even start
+            return defer.succeed(CertbotOutcome(ok=False, error=BUSY, busy=True))
         command = certbot_command(config_path, state_dir, acme, domain, force, self._python)
+        started = self._wall_clock()
         collector = _Collector()
         try:
             process = self._reactor.spawnProcess(  # type: ignore[attr-defined]
@@ -203,11 +322,10 @@ class CertbotIssuer:
             self._running = None
             if timer.active():
                 timer.cancel()
-                return read_outcome(*result)
+                return read_outcome(result[0], state_dir, domain, started)
             return CertbotOutcome(ok=False, error=f"certbot did not finish within {RUN_TIMEOUT:.0f}s")
 
         return collector.done.addCallback(ended)
-
 
     def stop(self) -> None:
         """Ask a certbot under way to stop (the proxy is shutting down): certbot exits

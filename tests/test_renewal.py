@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -395,36 +397,73 @@ def test_removed_domains_are_forgotten(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 4. read_outcome: certbot 5's own words
+# 4. read_outcome: what certbot leaves on disk
 
-AUTH_FAILED = """\
-Saving debug log to /var/lib/trackproxy/certbot/logs/letsencrypt.log
-Requesting a certificate for x.example.com
+#: How certbot 5's ACME client records a response in its debug log (from a real run
+#: against pebble, trimmed): a failed validation, in the authorization's challenge.
+FAILED_VALIDATION_LOG = """\
+2026-11-22 10:00:01,100:DEBUG:certbot._internal.main:certbot version: 5.8.0
+2026-11-22 10:00:02,374:DEBUG:acme.client:Received response:
+HTTP 200
+Content-Type: application/json; charset=utf-8
+Date: Sun, 22 Nov 2026 10:00:02 GMT
 
-Certbot failed to authenticate some domains (authenticator: trackproxy). The Certificate Authority reported these problems:
-  Domain: x.example.com
-  Type:   connection
-  Detail: 127.0.0.2: Fetching http://x.example.com:5002/.well-known/acme-challenge/abc: Connection refused
+{
+   "status": "invalid",
+   "identifier": {"type": "dns", "value": "a.example.com"},
+   "challenges": [
+      {
+         "type": "http-01",
+         "status": "invalid",
+         "error": {
+            "type": "urn:ietf:params:acme:error:connection",
+            "detail": "dial tcp 127.0.0.2:80: connect: connection refused",
+            "status": 400
+         }
+      }
+   ]
+}
+2026-11-22 10:00:02,375:INFO:certbot._internal.auth_handler:Challenge failed for domain a.example.com
+2026-11-22 10:00:02,399:ERROR:certbot._internal.log:Some challenges have failed.
+"""
+#: A refused new order (RFC 8555 §6.7 problem document) with Retry-After in seconds.
+RATE_LIMITED_LOG = """\
+2026-11-22 10:00:02,374:DEBUG:acme.client:Received response:
+HTTP 429
+Content-Type: application/problem+json
+Date: Sun, 22 Nov 2026 10:00:00 GMT
+Retry-After: 3600
 
-Hint: The Certificate Authority failed to download the challenge files from the temporary standalone webserver started by Certbot on port 80. Ensure that the listed domains point to this machine and that it can accept inbound connections from the internet.
+{
+  "type": "urn:ietf:params:acme:error:rateLimited",
+  "detail": "too many failed authorizations (5) for \\"a.example.com\\" in the last 1h0m0s",
+  "status": 429
+}
+2026-11-22 10:00:02,399:ERROR:certbot._internal.log:urn:ietf:params:acme:error:rateLimited :: ...
+"""
+#: Let's Encrypt's own horizon in the detail, no header.
+RATE_LIMITED_IN_DETAIL_LOG = RATE_LIMITED_LOG.replace("Retry-After: 3600\n", "").replace(
+    'in the last 1h0m0s"', 'in the last 1h0m0s, retry after 2026-11-22 13:00:00 UTC: see https://letsencrypt.org"')
+#: The ACME server unreachable: no response at all, certbot's last error record.
+UNREACHABLE_LOG = """\
+2026-11-22 10:00:01,100:DEBUG:certbot._internal.main:certbot version: 5.8.0
+2026-11-22 10:00:01,200:ERROR:certbot._internal.log:HTTPSConnectionPool(host='localhost', port=14000): Max retries \
+exceeded with url: /dir (Caused by NewConnectionError: [Errno 111] Connection refused)
+"""
 
-Some challenges have failed.
-Ask for help or search for solutions at https://community.letsencrypt.org. See the logfile /var/lib/trackproxy/certbot/logs/letsencrypt.log or re-run Certbot with -v for more details.
-"""  # noqa: E501
-BUSY = "Another instance of Certbot is already running.\n"
-RATE_LIMITED = """\
-Saving debug log to /var/lib/trackproxy/certbot/logs/letsencrypt.log
-Requesting a certificate for x.example.com
-An unexpected error occurred:
-urn:ietf:params:acme:error:rateLimited :: There were too many requests of a given type :: too many failed authorizations (5) for "x.example.com" in the last 1h0m0s, retry after 2026-11-22 13:00:00 UTC: see https://letsencrypt.org/docs/rate-limits/#authorization-failures-per-hostname-per-account
-Ask for help or search for solutions at https://community.letsencrypt.org. See the logfile /var/lib/trackproxy/certbot/logs/letsencrypt.log or re-run Certbot with -v for more details.
-"""  # noqa: E501
-REFUSED = """\
-Saving debug log to /var/lib/trackproxy/certbot/logs/letsencrypt.log
-An unexpected error occurred:
-requests.exceptions.ConnectionError: HTTPSConnectionPool(host='localhost', port=14000): Max retries exceeded with url: /dir (Caused by NewConnectionError("<urllib3.connection.HTTPSConnection object at 0x7f3a>: Failed to establish a new connection: [Errno 111] Connection refused"))
-Ask for help or search for solutions at https://community.letsencrypt.org. See the logfile /var/lib/trackproxy/certbot/logs/letsencrypt.log or re-run Certbot with -v for more details.
-"""  # noqa: E501
+
+def certbot_left(state_dir: Path, log: str | None = None, lineage: bool = False) -> Path:
+    """A state_dir/certbot/ as a certbot run leaves it."""
+    for name in ("config", "work", "logs"):
+        (state_dir / "certbot" / name).mkdir(parents=True, exist_ok=True)
+    if log is not None:
+        (state_dir / "certbot" / "logs" / "letsencrypt.log").write_text(log)
+    if lineage:
+        (state_dir / "certbot" / "config" / "live" / A).mkdir(parents=True)
+        (state_dir / "certbot" / "config" / "live" / A / "fullchain.pem").write_text("PEM")
+        (state_dir / "certbot" / "config" / "renewal").mkdir()
+        (state_dir / "certbot" / "config" / "renewal" / f"{A}.conf").write_text("[renewalparams]\n")
+    return state_dir
 
 
 @pytest.fixture
@@ -438,19 +477,65 @@ def local_time_not_utc(monkeypatch):
 
 
 @pytest.mark.usefixtures("local_time_not_utc")
-@pytest.mark.parametrize("code, output, expected", [
-    (0, "Successfully received certificate.\n", CertbotOutcome(ok=True)),
-    (1, AUTH_FAILED, CertbotOutcome(ok=False, error=(
-        "connection: 127.0.0.2: Fetching http://x.example.com:5002/.well-known/acme-challenge/abc: "
-        "Connection refused"))),
-    (1, BUSY, CertbotOutcome(ok=False, error="Another instance of Certbot is already running", busy=True)),
-    (1, RATE_LIMITED, CertbotOutcome(ok=False, error=RATE_LIMITED.splitlines()[3],
-                                     retry_after=at(T0 + datetime.timedelta(hours=3)))),  # 13:00 UTC
-    (1, REFUSED, CertbotOutcome(ok=False, error=REFUSED.splitlines()[2])),
-    (137, "", CertbotOutcome(ok=False, error="certbot exited with status 137")),
-], ids=["success", "ca-refused-challenge", "busy", "rate-limited", "acme-server-down", "no-output"])
-def test_read_outcome(code, output, expected):
-    assert read_outcome(code, output) == expected
+@pytest.mark.parametrize("code, log, lineage, expected", [
+    (0, None, True, CertbotOutcome(ok=True)),
+    (0, None, False, CertbotOutcome(ok=False, error=f"certbot exited with success but left no lineage for {A}")),
+    (1, FAILED_VALIDATION_LOG, False,
+     CertbotOutcome(ok=False, error="connection: dial tcp 127.0.0.2:80: connect: connection refused")),
+    (1, RATE_LIMITED_LOG, False, CertbotOutcome(
+        ok=False, error='rateLimited: too many failed authorizations (5) for "a.example.com" in the last 1h0m0s',
+        retry_after=at(T0 + datetime.timedelta(hours=1)))),
+    (1, RATE_LIMITED_IN_DETAIL_LOG, False, CertbotOutcome(
+        ok=False, error=('rateLimited: too many failed authorizations (5) for "a.example.com" in the last 1h0m0s, '
+                         'retry after 2026-11-22 13:00:00 UTC: see https://letsencrypt.org'),
+        retry_after=at(T0 + datetime.timedelta(hours=3)))),
+    (1, UNREACHABLE_LOG, False, CertbotOutcome(ok=False, error=(
+        "HTTPSConnectionPool(host='localhost', port=14000): Max retries exceeded with url: /dir "
+        "(Caused by NewConnectionError: [Errno 111] Connection refused)"))),
+    (137, None, False, CertbotOutcome(ok=False, error="certbot exited with status 137")),
+], ids=["success", "success-without-lineage", "ca-refused-challenge", "rate-limited", "rate-limited-detail",
+        "acme-server-down", "killed"])
+def test_read_outcome_from_what_certbot_left(tmp_path, code, log, lineage, expected):
+    state_dir = certbot_left(tmp_path, log, lineage)
+    assert read_outcome(code, str(state_dir), A, started=time.time() - 5) == expected
+
+
+def test_a_log_older_than_the_run_is_not_this_runs(tmp_path):
+    state_dir = certbot_left(tmp_path, FAILED_VALIDATION_LOG)
+    log = state_dir / "certbot" / "logs" / "letsencrypt.log"
+    os.utime(log, (time.time() - 3600, time.time() - 3600))
+    assert read_outcome(1, str(state_dir), A, started=time.time()) == CertbotOutcome(
+        ok=False, error="certbot exited with status 1")
+
+
+@pytest.fixture
+def certbot_holding_its_lock(tmp_path):
+    """Another process holding certbot's lock on state_dir/certbot/config, the way
+    certbot itself takes it (its own lock module)."""
+    config_dir = certbot_left(tmp_path) / "certbot" / "config"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from certbot._internal import lock; "
+         f"held = lock.lock_dir({str(config_dir)!r}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield tmp_path
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_held_by_another_certbot_is_busy(certbot_holding_its_lock):
+    state_dir = str(certbot_holding_its_lock)
+    assert issuer_module.certbot_busy(state_dir)
+    assert read_outcome(1, state_dir, A, started=time.time()) == CertbotOutcome(
+        ok=False, error=issuer_module.BUSY, busy=True)
+
+
+def test_a_lock_file_nobody_holds_is_not_busy(tmp_path):
+    state_dir = certbot_left(tmp_path)
+    (state_dir / "certbot" / "config" / ".certbot.lock").write_text("")
+    assert not issuer_module.certbot_busy(str(state_dir))
 
 
 # ---------------------------------------------------------------------------
@@ -515,12 +600,14 @@ def fake_python(tmp_path: Path, body: str) -> str:
 async def test_issuer_runs_the_command_in_state_dir_and_reads_the_outcome(reactor, tmp_path):
     state_dir = tmp_path / "state"
     state_dir.mkdir()
+    certbot_left(state_dir)
     python = fake_python(tmp_path, (
         'printf "%s\\n" "$@" > args; printf "%s" "$TRACKPROXY_CERTBOT_NO_RELOAD" > no-reload\n'
-        f"cat <<'EOF'\n{AUTH_FAILED}EOF\nexit 1\n"))
+        "echo 'Certbot failed: words that change between releases'\n"
+        f"cat > certbot/logs/letsencrypt.log <<'EOF'\n{FAILED_VALIDATION_LOG}EOF\nexit 1\n"))
     issuer = CertbotIssuer(reactor, {"PATH": os.environ["PATH"]}, python=python)
     outcome = await issuer.issue("/etc/t.yaml", str(state_dir), AcmeSettings(), A, True).addTimeout(10, reactor)
-    assert outcome == read_outcome(1, AUTH_FAILED) and outcome.error.startswith("connection: 127.0.0.2")
+    assert outcome == CertbotOutcome(ok=False, error="connection: dial tcp 127.0.0.2:80: connect: connection refused")
     args = (state_dir / "args").read_text().splitlines()
     assert args == certbot_command("/etc/t.yaml", str(state_dir), AcmeSettings(), A, True, python)[1:]
     assert (state_dir / "no-reload").read_text() == "1"
