@@ -13,6 +13,9 @@ below them: DNS through Twisted Names on ``resolvers`` (``preflight`` owns the C
 sockets with the standard library, blocking, under a timeout: the doctor is a short-lived
 command, not the daemon. The reactor is handed in by the CLI and runs only while DNS is
 asked. Changing anything is left to the operator; every ``FAIL`` says what to change.
+
+(Over 400 lines: five checks, each a pure judging rule next to the probe that feeds it,
+and the report; the DNS lookups themselves are ``preflight``'s.)
 """
 
 from __future__ import annotations

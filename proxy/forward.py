@@ -17,6 +17,9 @@ An upstream answer is serialised once, when it arrives (:func:`prepare`): the st
 line and the relayed headers become bytes that every client it is relayed to (the one
 that asked, those that waited for the same fetch, every later cache hit) gets with only
 ``Date``, ``Age`` and ``Content-Length`` added, in one write.
+
+(Over 400 lines: the header rules, the routing decision and the relay are one request's
+path, and each rule is a small pure function tested alone.)
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ changes need a restart.
 Certificates are re-read every :data:`CERTIFICATE_CHECK_INTERVAL` seconds (a stat per
 file; only changed files are parsed), which is how files renewed by an operator's
 tooling or by ``certbot renew`` without the plugin's reload are picked up.
+
+(Over 400 lines because it is the whole single-process wiring: start, stop, reload,
+the certificate checks and the admin documents each need the others' state.)
 """
 
 from __future__ import annotations

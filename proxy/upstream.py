@@ -14,6 +14,9 @@ endpoints move (DNS-based load balancing), and new connections follow DNS. A req
 goes out in one write; the answer is parsed by llhttp (httptools), strictly, and read
 whole up to :data:`MAX_RESPONSE_BYTES`: tracking endpoints answer with redirects and
 one-pixel images, and a complete answer is what the cache stores.
+
+(Over 400 lines: the connection protocol, its pool and the address rotation share one
+connection's life cycle (connecting, busy, idle, rotated out) and change together.)
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ owns what must be one per machine and N ``python -m proxy.worker`` processes tha
 
 Each worker keeps its own cache and coalesces its own misses: a burst reaches the
 upstream at most once per worker.
+
+(Over 400 lines: starting, replacing and stopping workers, fanning a reload out and
+merging their metrics and status are one supervisor's life cycle.)
 """
 
 from __future__ import annotations

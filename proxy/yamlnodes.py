@@ -22,13 +22,18 @@ from proxy.values import parse_duration, parse_size
 
 
 @attrs.frozen
-class ConfigError:
-    """One problem in a configuration file, with where it is."""
+class Located:
+    """A message about a place in a file (1-based line and column)."""
 
     file: str
     line: int
     column: int
     message: str
+
+
+@attrs.frozen
+class ConfigError(Located):
+    """One problem in a configuration file, with where it is."""
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.column}: {self.message}"
@@ -43,13 +48,8 @@ class ConfigErrors(Exception):
 
 
 @attrs.frozen
-class Warning_:
+class Warning_(Located):
     """Something allowed but worth an operator's attention (e.g. plain-HTTP upstream)."""
-
-    file: str
-    line: int
-    column: int
-    message: str
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.column}: warning: {self.message}"
