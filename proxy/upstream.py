@@ -457,7 +457,7 @@ class UpstreamClient:
         self._next_address += 1
         factory: object = _ConnectionFactory(self, exchange)
         if self._tls_options is not None:
-            factory = TLSMemoryBIOFactory(self._tls_options, True, factory)
+            factory = TLSMemoryBIOFactory(self._tls_options, True, factory, clock=self._reactor)
         exchange.connector = self._reactor.connectTCP(  # type: ignore[attr-defined]
             address, self._dial_port, factory, timeout=self._connect_timeout
         )

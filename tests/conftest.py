@@ -1,4 +1,5 @@
-"""Fixtures shared by the end-to-end modules (helpers are in ``support``)."""
+"""Fixtures shared by the end-to-end modules (helpers: ``proxy_process``, ``standin_upstream``, ``wire``,
+``observe``, and ``proxy.testing``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from support import LocalCA, UpstreamStandIn
+from proxy.testing import LocalCA
+
+from standin_upstream import UpstreamStandIn
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,9 @@ from typing import Any
 
 import pytest
 
-from support import LOOPBACK, LocalCA, free_port
+from proxy.testing import LocalCA
+
+from proxy_process import LOOPBACK, free_port
 
 PEBBLE = "pebble"
 CHALLTESTSRV = "pebble-challtestsrv"

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from proxy.access import KEY_FILE, AccessLog, load_or_create_key, redact
+from proxy.testing import LocalCA
 
-from support import TLS, LocalCA, UpstreamStandIn, request, start_proxy
+from proxy_process import start_proxy
+from standin_upstream import UpstreamStandIn
+from wire import TLS, request
 
 KEY = b"k" * 32
 

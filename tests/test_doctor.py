@@ -45,17 +45,11 @@ from proxy.doctor import (
 )
 from proxy.preflight import CAA as CAA_TYPE
 from proxy.preflight import CAAFound, CAARecord, Resolution, find_caa, resolve
+from proxy.testing import LocalCA
 
-from support import (
-    LANDING_URL,
-    REPO_ROOT,
-    LocalCA,
-    ProxyProcess,
-    UpstreamStandIn,
-    free_port,
-    poll,
-    start_proxy,
-)
+from observe import poll
+from proxy_process import REPO_ROOT, ProxyProcess, free_port, start_proxy, stop_process
+from standin_upstream import LANDING_URL, UpstreamStandIn
 
 LE = "https://acme-v02.api.letsencrypt.org/directory"
 PEBBLE = "https://localhost:14000/dir"
@@ -498,12 +492,7 @@ def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 
         yield ("127.0.0.1", poll(listening, 10, "the DNS stand-in listening"))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
@@ -582,7 +571,7 @@ def test_a_correct_setup_passes_every_check(
     assert alias["dns"][1] == f"{ALIAS} → CNAME proxy.example.test → 127.0.0.1 (this host)"
     assert good["caa"][1] == "no CAA restriction found (letsencrypt.org may issue)"
     assert good["https"][1].startswith(
-        f"127.0.0.1:{proxy.https_port}: certificate for {GOOD} issued by trackproxy e2e test CA, valid until "
+        f"127.0.0.1:{proxy.https_port}: certificate for {GOOD} issued by trackproxy test CA, valid until "
     ), text
     redirect = f"GET /f/a/b/c/d: 302 from msys-http, Location: {LANDING_URL}"
     assert good["probe"][1] == redirect and good["http"][1] == redirect

@@ -26,22 +26,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from proxy.testing import LocalCA
+
+from observe import poll, scrape
 from pebble import Pebble, require_pebble
-from support import (
-    LANDING_URL,
-    TLS,
-    LocalCA,
-    ProxyProcess,
-    UpstreamStandIn,
-    connect,
-    free_port,
-    keep_alive_get,
-    poll,
-    request,
-    run_trackproxy,
-    scrape,
-    start_proxy,
-)
+from proxy_process import ProxyProcess, free_port, run_trackproxy, start_proxy
+from standin_upstream import LANDING_URL, UpstreamStandIn
+from wire import TLS, connect, keep_alive_get, request
 
 GOOD = "track.example.test"  # DNS -> 127.0.0.1, the proxy
 ELSEWHERE = "lost.example.test"  # DNS -> 127.0.0.2, where nothing answers pebble
@@ -270,7 +261,7 @@ def test_certbot_killed_in_the_middle_leaves_nothing_half_loaded_and_the_next_at
 ) -> None:
     import signal
 
-    from support import children
+    from proxy_process import children
 
     require_pebble()
     with Pebble(tmp_path / "pebble", http_port=free_port()) as pebble:

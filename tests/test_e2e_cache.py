@@ -30,24 +30,12 @@ from typing import Any
 
 import pytest
 
-from support import (
-    LANDING_URL,
-    LOOPBACK,
-    REDIRECT_BODY,
-    REPO_ROOT,
-    SERIAL_HEADER,
-    TLS,
-    LocalCA,
-    ProxyProcess,
-    Response,
-    Scrape,
-    UpstreamStandIn,
-    connect,
-    request,
-    scrape,
-    scripted_path,
-    start_proxy,
-)
+from proxy.testing import LocalCA
+
+from observe import Scrape, scrape
+from proxy_process import LOOPBACK, REPO_ROOT, ProxyProcess, start_proxy
+from standin_upstream import LANDING_URL, REDIRECT_BODY, SERIAL_HEADER, UpstreamStandIn, scripted_path
+from wire import TLS, Response, connect, request
 
 TRACK = "track.example.test"  # cache_ttl 10s, the default
 OTHER = "other.example.test"  # cache_ttl 10s, same upstream; allows POST

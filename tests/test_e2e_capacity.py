@@ -16,7 +16,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from support import LOOPBACK, LocalCA, ProxyProcess, UpstreamStandIn, poll, request, start_proxy
+from proxy.testing import LocalCA
+
+from observe import poll
+from proxy_process import LOOPBACK, ProxyProcess, start_proxy
+from standin_upstream import UpstreamStandIn
+from wire import request
 
 TRACK = "track.example.test"
 IDLE = 10_000

@@ -30,7 +30,8 @@ import pytest
 from cryptography import x509
 
 from pebble import Pebble, certbot, certbot_dirs, certbot_report
-from support import LOOPBACK, TLS, ProxyProcess, connect, free_port, request, start_proxy
+from proxy_process import LOOPBACK, ProxyProcess, free_port, start_proxy
+from wire import TLS, connect, request
 
 TRACK = "track.example.test"  # in the YAML, certificate: acme
 OTHER = "other.example.test"  # not in the YAML

@@ -18,17 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import (
-    LOOPBACK,
-    REPO_ROOT,
-    ProxyProcess,
-    free_port,
-    poll,
-    request,
-    run_trackproxy,
-    scrape,
-    start_proxy,
-)
+from observe import poll, scrape
+from proxy_process import LOOPBACK, REPO_ROOT, ProxyProcess, free_port, run_trackproxy, start_proxy
+from wire import request
 
 TRACK = "track.example.test"
 

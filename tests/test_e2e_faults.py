@@ -23,8 +23,11 @@ from pathlib import Path
 import pytest
 
 from proxy import pki
+from proxy.testing import LocalCA
 
-from support import LOOPBACK, LocalCA, ProxyProcess, free_port, poll, request, scrape, start_proxy
+from observe import poll, scrape
+from proxy_process import LOOPBACK, ProxyProcess, free_port, start_proxy
+from wire import request
 
 TRACK = "track.example.test"
 WRONG_NAME = "wrong.example.test"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ssl
 import stat
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,23 +22,11 @@ from typing import Any
 
 import pytest
 
-from support import (
-    LANDING_URL,
-    REDIRECT_BODY,
-    SLOW_SECONDS,
-    TLS,
-    LocalCA,
-    ProxyProcess,
-    Response,
-    UpstreamStandIn,
-    connect,
-    dns_names,
-    first_certificate_der,
-    free_port,
-    request,
-    start_proxy,
-    wait_closed,
-)
+from proxy.testing import LocalCA
+
+from proxy_process import ProxyProcess, free_port, start_proxy
+from standin_upstream import LANDING_URL, REDIRECT_BODY, SLOW_SECONDS, UpstreamStandIn
+from wire import TLS, Response, connect, dns_names, first_certificate_der, request, wait_closed
 
 TRACK = "track.example.test"  # self-signed, default upstream (the overridden sparkpost preset)
 CLICK = "click.example.test"  # certificate files signed by the test CA
@@ -285,14 +272,6 @@ def test_user_agent_is_forwarded_unchanged(
     assert upstream.only(path).header("User-Agent") == agent
 
 
-def test_absent_user_agent_stays_absent_upstream(
-    proxy: ProxyProcess, ca: LocalCA, upstream: UpstreamStandIn
-) -> None:
-    path = tracking_path()
-    https(proxy, ca, TRACK, path)
-    assert upstream.only(path).values("User-Agent") == []
-
-
 def test_spoofed_forwarding_headers_are_replaced_by_peer_ip_scheme_and_host(
     proxy: ProxyProcess, ca: LocalCA, upstream: UpstreamStandIn
 ) -> None:
@@ -493,26 +472,6 @@ def test_tls_1_1_is_refused_and_tls_1_2_is_accepted(proxy: ProxyProcess, ca: Loc
 # Routing refusals: never an open proxy
 
 
-@pytest.mark.parametrize(
-    "host", ["unknown.example.test", "sub.track.example.test", "example.test", "127.0.0.1", "spgo.io"]
-)
-def test_unconfigured_host_gets_404_and_nothing_is_sent_upstream(
-    proxy: ProxyProcess, stand_ins: tuple[UpstreamStandIn, ...], host: str
-) -> None:
-    with nothing_forwarded(stand_ins):
-        answer = plain(proxy, host, tracking_path())
-    assert answer.status == 404
-    assert_short_text(answer)
-
-
-def test_request_without_host_is_refused_and_nothing_is_sent_upstream(
-    proxy: ProxyProcess, stand_ins: tuple[UpstreamStandIn, ...]
-) -> None:
-    with nothing_forwarded(stand_ins):
-        answer = plain(proxy, None, tracking_path())
-    assert answer.status in (400, 404)
-
-
 def test_https_host_differing_from_sni_gets_421_and_nothing_upstream(
     proxy: ProxyProcess, ca: LocalCA, stand_ins: tuple[UpstreamStandIn, ...]
 ) -> None:
@@ -520,34 +479,6 @@ def test_https_host_differing_from_sni_gets_421_and_nothing_upstream(
         answer = https(proxy, ca, CLICK, tracking_path(), sni=TRACK)
     assert (answer.status, answer.reason) == (421, "Misdirected Request")
     assert_short_text(answer)
-
-
-@pytest.mark.parametrize("method", ["DELETE", "POST", "PUT", "OPTIONS"])
-def test_method_not_allowed_for_the_domain_gets_405_and_nothing_upstream(
-    proxy: ProxyProcess, ca: LocalCA, stand_ins: tuple[UpstreamStandIn, ...], method: str
-) -> None:
-    with nothing_forwarded(stand_ins):
-        answer = https(proxy, ca, TRACK, tracking_path(), method=method, body=b"x")
-    assert answer.status == 405
-    assert connection_tokens(answer.values("Allow")) == {"get", "head"}  # RFC 9110 §15.5.6
-    assert_short_text(answer)
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        [("X-Big", "a" * (MAX_HEADER_BYTES + 4096))],
-        # Fewer than 100 lines, each well under the limit: only their sum is too big.
-        [(f"X-Many-{i}", "b" * 300) for i in range(40)],
-    ],
-    ids=["one-big-header", "many-headers"],
-)
-def test_oversized_request_head_gets_431_or_400_and_nothing_upstream(
-    proxy: ProxyProcess, ca: LocalCA, stand_ins: tuple[UpstreamStandIn, ...], headers: list
-) -> None:
-    with nothing_forwarded(stand_ins):
-        answer = https(proxy, ca, TRACK, tracking_path(), headers=headers)
-    assert (answer.status, answer.reason) == (431, "Request Header Fields Too Large")
 
 
 # ---------------------------------------------------------------------------
@@ -592,13 +523,12 @@ def test_upstream_certificate_for_another_name_gets_502(
 def test_upstream_slower_than_upstream_timeout_gets_504_in_time(
     proxy: ProxyProcess, ca: LocalCA, upstream: UpstreamStandIn
 ) -> None:
+    # The stand-in answers after SLOW_SECONDS: a 504 means the proxy's deadline came first.
+    # (When exactly it comes is test_upstream's business, on a Clock.)
     path = "/slow/" + uuid.uuid4().hex
-    started = time.monotonic()
     answer = https(proxy, ca, TRACK, path, timeout=SLOW_SECONDS + 5)
-    elapsed = time.monotonic() - started
     assert answer.status == 504
     assert_short_text(answer)
-    assert UPSTREAM_TIMEOUT * 0.8 <= elapsed < SLOW_SECONDS, elapsed
     assert len(upstream.matching(path)) == 1
 
 
@@ -623,20 +553,19 @@ def test_sequential_requests_reuse_one_pooled_upstream_connection(
 def test_idle_client_connection_is_closed_after_client_timeout(
     proxy: ProxyProcess, ca: LocalCA, scheme: str
 ) -> None:
+    # Closed by the proxy at all; when, to the second, is test_server's (on a Clock).
     if scheme == "https":
         sock = connect(proxy.https_port, tls_for(proxy, ca, TRACK))
     else:
         sock = connect(proxy.http_port)
     with sock:
-        elapsed = wait_closed(sock, within=CLIENT_TIMEOUT + 6)
-    assert elapsed >= CLIENT_TIMEOUT * 0.5, f"closed after {elapsed:.2f}s: too early for a timeout"
+        wait_closed(sock, within=CLIENT_TIMEOUT + 6)
 
 
 def test_half_sent_request_head_is_closed_after_client_timeout(proxy: ProxyProcess) -> None:
     with connect(proxy.http_port) as sock:
         sock.sendall(b"GET /f/slowloris HTTP/1.1\r\nHost: " + TRACK.encode() + b"\r\nX-A: 1\r\n")
-        elapsed = wait_closed(sock, within=CLIENT_TIMEOUT + 6)
-    assert elapsed >= CLIENT_TIMEOUT * 0.5, f"closed after {elapsed:.2f}s: too early for a timeout"
+        wait_closed(sock, within=CLIENT_TIMEOUT + 6)
 
 
 # ---------------------------------------------------------------------------
@@ -696,18 +625,6 @@ def test_acme_challenge_for_an_unconfigured_host_gets_404(
     assert b"for-configured-domains-only" not in answer.body
 
 
-@pytest.mark.parametrize(
-    "path", ["/.well-known/assetlinks.json", "/.well-known/apple-app-site-association"]
-)
-def test_other_well_known_paths_are_forwarded(
-    proxy: ProxyProcess, ca: LocalCA, upstream: UpstreamStandIn, path: str
-) -> None:
-    before = len(upstream.matching(path))
-    answer = https(proxy, ca, TRACK, path)
-    assert answer.status == 302
-    assert len(upstream.matching(path)) == before + 1
-
-
 # ---------------------------------------------------------------------------
 # trusted_proxies: a second proxy, since its config differs
 
@@ -744,50 +661,3 @@ def test_x_forwarded_for_from_a_trusted_peer_is_extended_not_replaced(
 
 # ---------------------------------------------------------------------------
 # Framing on the wire (RFC 9112): what the parser refuses never goes upstream
-
-
-def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``data`` on a new plain connection; everything the proxy answers until it closes."""
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
-    return answer
-
-
-@pytest.mark.parametrize(
-    "framing",
-    [
-        b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"Transfer-Encoding: identity\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: " + POST.encode() + b"\r\n\r\n",
-        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
-        b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-        b"Content-Length: +3\r\n\r\nabc",
-        b"X-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n",
-        b"Transfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
-    ],
-    ids=["cl-te", "te-identity-smuggle", "te-chunked-identity", "cl-twice", "cl-signed", "obs-fold", "chunk-bare-lf"],
-)
-def test_ambiguous_framing_gets_400_and_closes_and_nothing_reaches_the_platform(
-    proxy: ProxyProcess, stand_ins: tuple[UpstreamStandIn, ...], framing: bytes
-) -> None:
-    with nothing_forwarded(stand_ins):
-        answer = raw_exchange(proxy.http_port, b"POST /l HTTP/1.1\r\nHost: " + POST.encode() + b"\r\n" + framing)
-    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
-    assert answer.count(b"HTTP/1.1 ") == 1, "one answer, then the connection closed"
-
-
-def test_pipelined_requests_are_answered_in_order(proxy: ProxyProcess, upstream: UpstreamStandIn) -> None:
-    paths = [tracking_path() for _ in range(3)]
-    data = b"".join(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (p.encode(), TRACK.encode()) for p in paths)
-    answer = raw_exchange(proxy.http_port, data + b"GET / HTTP/1.1\r\nHost: " + TRACK.encode()
-                          + b"\r\nConnection: close\r\n\r\n")
-    assert answer.count(b"HTTP/1.1 302 ") == 4
-    seen = [r.path for r in upstream.requests if r.path in paths]
-    assert seen == paths, "forwarded one after the other, in order"

@@ -17,15 +17,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from support import (
-    TLS,
-    LocalCA,
-    ProxyProcess,
-    UpstreamStandIn,
-    connect,
-    start_proxy,
-    wait_closed,
-)
+from proxy.testing import LocalCA
+
+from proxy_process import ProxyProcess, start_proxy
+from standin_upstream import UpstreamStandIn
+from wire import TLS, connect, wait_closed
 
 TRACK = "track.example.test"
 POST = "post.example.test"

@@ -19,17 +19,12 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (
-    TLS,
-    LocalCA,
-    ProxyProcess,
-    UpstreamStandIn,
-    connect,
-    poll,
-    request,
-    scrape,
-    start_proxy,
-)
+from proxy.testing import LocalCA
+
+from observe import poll, scrape
+from proxy_process import ProxyProcess, start_proxy
+from standin_upstream import UpstreamStandIn
+from wire import TLS, connect, request
 
 TRACK = "track.example.test"
 OWN = "own.example.test"
@@ -144,7 +139,7 @@ def test_failed_handshakes_are_counted_by_reason(proxy: ProxyProcess, reason: st
 
 
 def _old_tls_to(port: int) -> None:
-    """A TLS 1.1 client (support.TLS lets OpenSSL offer it, so the server is what refuses)."""
+    """A TLS 1.1 client (wire.TLS lets OpenSSL offer it, so the server is what refuses)."""
     with pytest.raises((ssl.SSLError, ConnectionError)):
         connect(port, TLS(TRACK, maximum_version=ssl.TLSVersion.TLSv1_1)).close()
 

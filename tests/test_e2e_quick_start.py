@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO_ROOT, free_port, poll
+from observe import poll
+from proxy_process import REPO_ROOT, free_port
 
 #: A fresh virtualenv takes pip a while (about 15 s here; more on a slow mirror).
 FIRST_RUN_WITHIN = 240.0

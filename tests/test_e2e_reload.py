@@ -30,20 +30,12 @@ import pytest
 import yaml
 from cryptography import x509
 
-from support import (
-    LOOPBACK,
-    TLS,
-    LocalCA,
-    ProxyProcess,
-    UpstreamStandIn,
-    connect,
-    keep_alive_get,
-    poll,
-    request,
-    run_trackproxy,
-    scrape,
-    start_proxy,
-)
+from proxy.testing import LocalCA
+
+from observe import poll, scrape
+from proxy_process import LOOPBACK, ProxyProcess, run_trackproxy, start_proxy
+from standin_upstream import UpstreamStandIn
+from wire import TLS, connect, keep_alive_get, request
 
 OWN = "own.example.test"  # operator-managed {cert, key} files signed by the test CA
 TRACK = "track.example.test"  # self-signed

@@ -16,7 +16,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from support import TLS, LocalCA, ProxyProcess, UpstreamStandIn, connect, start_proxy
+from proxy.testing import LocalCA
+
+from proxy_process import ProxyProcess, start_proxy
+from standin_upstream import UpstreamStandIn
+from wire import TLS, connect
 
 POST = "post.example.test"
 HIDDEN = b"GET /smuggled HTTP/1.1\r\nHost: " + POST.encode() + b"\r\n\r\n"

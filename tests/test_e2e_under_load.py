@@ -14,18 +14,12 @@ import urllib.request
 from collections.abc import Callable
 
 from proxy import pki
+from proxy.testing import LocalCA
 
-from support import (
-    LOOPBACK,
-    TLS,
-    LocalCA,
-    UpstreamStandIn,
-    children,
-    poll,
-    request,
-    scripted_path,
-    start_proxy,
-)
+from observe import poll
+from proxy_process import LOOPBACK, children, start_proxy
+from standin_upstream import UpstreamStandIn, scripted_path
+from wire import TLS, request
 
 TRACK = "track.example.test"
 OWN = "own.example.test"

@@ -22,19 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import (
-    LOOPBACK,
-    TLS,
-    LocalCA,
-    ProxyProcess,
-    UpstreamStandIn,
-    children,
-    poll,
-    request,
-    scrape,
-    scripted_path,
-    start_proxy,
-)
+from proxy.testing import LocalCA
+
+from observe import poll, scrape
+from proxy_process import LOOPBACK, ProxyProcess, children, start_proxy
+from standin_upstream import UpstreamStandIn, scripted_path
+from wire import TLS, request
 
 TRACK = "track.example.test"
 ADDED = "added.example.test"

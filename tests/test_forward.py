@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -26,6 +25,7 @@ from proxy.forward import (
     upstream_request_headers,
 )
 from proxy.server import HTTPFactory
+from proxy.testing import FakeUpstreamClient
 from proxy.upstream import UpstreamError, UpstreamResponse
 
 
@@ -167,27 +167,10 @@ domains:
 """
 
 
-class FakeClient:
-    """Stands in for ``UpstreamClient``: records each fetch, answers as told."""
-
-    def __init__(self, answer=None, failure=None):
-        self.calls = []
-        self.answer = answer or UpstreamResponse(
-            302, b"Found", ((b"Server", b"msys-http"), (b"Location", b"https://l.example/")), b"moved"
-        )
-        self.failure = failure
-
-    def fetch(self, method, target, headers, body):
-        self.calls.append((method, target, headers, body))
-        if self.failure is not None:
-            return defer.fail(self.failure)
-        return defer.succeed(self.answer)
-
-
 @pytest.fixture
 def proxy(tmp_path):
     config = parse_config(CONFIG.format(state=tmp_path), str(tmp_path / "t.yaml"))
-    client = FakeClient()
+    client = FakeUpstreamClient()
     clients = {name: client for name in config.upstreams}
     (tmp_path / "acme-challenge").mkdir()
     router = Router(config.domains, clients, ChallengeStore(str(tmp_path / "acme-challenge")), config.trusted_proxies)
@@ -266,7 +249,7 @@ def test_oversized_request_head_gets_431_and_nothing_upstream(proxy):
 
 def test_ses_domain_refuses_headers_of_8kib_before_forwarding(tmp_path):
     config = parse_config(CONFIG.format(state=tmp_path).replace("2KiB", "16KiB"), str(tmp_path / "t.yaml"))
-    client = FakeClient()
+    client = FakeUpstreamClient()
     router = Router(config.domains, {n: client for n in config.upstreams}, ChallengeStore(str(tmp_path)))
     site = ProxySite(router, b"http", 30, config.limits.max_header_bytes)
     big = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 900) for i in range(9))
@@ -295,7 +278,7 @@ def test_other_well_known_paths_are_forwarded(proxy):
 @pytest.mark.parametrize("outcome, status", [("timeout", 504), ("connect_error", 502), ("tls_error", 502), ("reset", 502)])
 def test_upstream_failures_map_to_502_or_504(tmp_path, outcome, status):
     config = parse_config(CONFIG.format(state=tmp_path), str(tmp_path / "t.yaml"))
-    client = FakeClient(failure=UpstreamError(outcome, "test"))
+    client = FakeUpstreamClient(failure=UpstreamError(outcome, "test"))
     router = Router(config.domains, {n: client for n in config.upstreams}, ChallengeStore(str(tmp_path)))
     site = ProxySite(router, b"http", 30, 16384)
     assert status_of(exchange(site, b"GET / HTTP/1.1\r\nHost: track.example.com\r\n\r\n")) == status
@@ -335,27 +318,15 @@ def test_a_request_head_dripping_past_client_timeout_gets_408_and_is_closed(prox
     assert client.calls == []
 
 
-class HeldClient:
-    """An upstream that answers only when the test says so."""
-
-    def __init__(self):
-        self.pending = []
-
-    def fetch(self, method, target, headers, body):
-        d = defer.Deferred()
-        self.pending.append(d)
-        return d
-
-
 def test_no_client_deadline_runs_while_the_upstream_is_asked(tmp_path):
     config = parse_config(CONFIG.format(state=tmp_path), str(tmp_path / "t.yaml"))
-    client = HeldClient()
+    client = FakeUpstreamClient(hold=True)
     router = Router(config.domains, {n: client for n in config.upstreams}, ChallengeStore(str(tmp_path)))
     channel, transport, clock = clocked_channel(router, timeout=30)
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: track.example.com\r\n\r\n")
     assert len(client.pending) == 1 and clock.getDelayedCalls() == []
     clock.advance(60)  # the upstream's own deadline is its business
-    client.pending[0].callback(FakeClient().answer)
+    client.release()
     assert transport.value().startswith(b"HTTP/1.1 302 Found\r\n") and not transport.disconnecting
     # Keep-alive: the next request's deadline starts at the end of this answer.
     assert [c.getTime() for c in clock.getDelayedCalls()] == [90.0]

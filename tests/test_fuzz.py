@@ -133,7 +133,7 @@ VALID = b"GET /f/x HTTP/1.1\r\nHost: track.example.test\r\nUser-Agent: fuzz\r\n\
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory, ca, upstream):
-    from support import start_proxy
+    from proxy_process import start_proxy
 
     config = {
         "limits": {"client_timeout": "2s"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from support import REPO_ROOT
+from proxy_process import REPO_ROOT
 
 BUILD_THE_PARTS = """
 import sys

@@ -31,20 +31,12 @@ import yaml
 from cryptography import x509
 
 from proxy import pki
+from proxy.testing import LocalCA
 
-from support import (
-    LOOPBACK,
-    REPO_ROOT,
-    TLS,
-    LocalCA,
-    ProxyProcess,
-    UpstreamStandIn,
-    connect,
-    free_port,
-    poll,
-    request,
-    start_proxy,
-)
+from observe import poll
+from proxy_process import LOOPBACK, REPO_ROOT, ProxyProcess, free_port, start_proxy, stop_process
+from standin_upstream import UpstreamStandIn
+from wire import TLS, connect, request
 
 RULES = REPO_ROOT / "conf" / "prometheus" / "trackproxy-rules.yml"
 RULES_TESTS = REPO_ROOT / "conf" / "prometheus" / "trackproxy-rules.test.yml"
@@ -274,14 +266,7 @@ class Prometheus:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        """End the process by its own PID: terminate, then kill if it lingers."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 def start_prometheus(directory: Path, admin_port: int) -> Prometheus:

@@ -25,7 +25,9 @@ from twisted.internet.testing import StringTransport
 
 from proxy import standin
 
-from support import REPO_ROOT, TLS, free_port, poll, request
+from observe import poll
+from proxy_process import REPO_ROOT, free_port
+from wire import TLS, request
 
 
 def exchange(data: bytes, delay: float = 0.0, clock: Clock | None = None) -> tuple[StringTransport, io.StringIO]:

@@ -19,7 +19,8 @@ from certbot import errors
 
 from proxy.certs import AcmeRecord, AcmeRecords
 
-from support import LOOPBACK, TLS, request, start_proxy
+from proxy_process import LOOPBACK, start_proxy
+from wire import TLS, request
 
 TRACK = "track.example.test"
 

@@ -11,12 +11,12 @@ import pytest
 from OpenSSL import SSL
 from service_identity.exceptions import VerificationError
 from twisted.internet import error
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.config import Upstream
+from proxy.testing import MemoryUpstream
 from proxy.upstream import (
     IDLE_TIMEOUT,
     MAX_RESPONSE_BYTES,
@@ -35,31 +35,16 @@ result_of = SynchronousTestCase().successResultOf
 failure_of = SynchronousTestCase().failureResultOf
 
 
-class Upstreams:
-    """The fake reactor's connection attempts, and a way to answer them."""
+class Upstreams(MemoryUpstream):
+    """A client of the plain upstream on a fake reactor, and its connection attempts."""
 
     def __init__(self, timeout: float = 15.0) -> None:
-        self.reactor = MemoryReactorClock()
+        super().__init__()
         self.client = UpstreamClient(self.reactor, PLAIN, connect_timeout=5, timeout=timeout)
-        self.transports: list[StringTransport] = []
-
-    @property
-    def attempts(self) -> int:
-        return len(self.reactor.tcpClients)
 
     def accept(self, index: int = -1) -> tuple[object, StringTransport]:
-        """Complete connection attempt ``index``: (the client's protocol, its transport)."""
-        host, port, factory, timeout, _ = self.reactor.tcpClients[index]
-        assert (host, port, timeout) == ("127.0.0.1", 8080, 5)
-        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.transports.append(transport)
-        return protocol, transport
-
-    def refuse(self, index: int = -1, reason: Exception | None = None) -> None:
-        _, _, factory, _, _ = self.reactor.tcpClients[index]
-        factory.clientConnectionFailed(None, Failure(reason or error.ConnectionRefusedError()))
+        assert self.address(index) == ("127.0.0.1", 8080, 5)
+        return super().accept(index)
 
 
 def get(upstreams: Upstreams, target: bytes = b"/f/a", method: bytes = b"GET", body: bytes | None = None):
