@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from proxy import statedir
@@ -188,18 +189,18 @@ class AccessLog:
 
 class Recorder:
     """What each answered request leaves behind: a count in the metrics and an access
-    line. It is ``server.HTTPFactory``'s ``finished`` callback; ``access_log`` is
-    replaced on reload (``log_paths``).
+    line. It is ``server.HTTPFactory``'s ``finished`` callback.
 
     Args:
         metrics: ``proxy.metrics.Metrics``, or None.
-        access_log: an :class:`AccessLog`, or None.
+        access_log: the :class:`AccessLog` in service now (a reload may change it), or
+            None for none.
         clock: the clock requests were stamped with (``reactor.seconds``).
     """
 
-    def __init__(self, metrics: Any, access_log: AccessLog | None, clock: Any) -> None:
+    def __init__(self, metrics: Any, access_log: Callable[[], AccessLog | None], clock: Any) -> None:
         self.metrics = metrics
-        self.access_log = access_log
+        self._access_log = access_log
         self._clock = clock
 
     def __call__(self, request: Any) -> None:
@@ -208,8 +209,9 @@ class Recorder:
             self.metrics.count_request(
                 request.domain_label, request.scheme, request.method, request.code, request.cache_label, seconds
             )
-        if self.access_log is not None:
-            self.access_log.record(
+        access_log = self._access_log()
+        if access_log is not None:
+            access_log.record(
                 domain=request.domain_label,
                 scheme=request.scheme,
                 method=request.method,

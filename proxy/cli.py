@@ -155,6 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     reactor = process.prepare()
     from twisted.logger import Logger
 
+    from proxy.issuer import CertbotIssuer
     from proxy.service import ProxyService
     from proxy.systemd import Notifier
     from proxy.workers import Supervisor, worker_count
@@ -163,9 +164,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = worker_count(config)
     try:
         if workers == 1:
-            service = ProxyService(reactor, config, notifier=Notifier(os.environ))
+            service = ProxyService(reactor, config, issuer=CertbotIssuer(reactor, os.environ), out=sys.stdout,
+                                   notifier=Notifier(os.environ))
         else:
-            service = Supervisor(reactor, config, workers, notifier=Notifier(os.environ))
+            service = Supervisor(reactor, config, workers, issuer=CertbotIssuer(reactor, os.environ),
+                                 notifier=Notifier(os.environ))
     except OSError as e:
         print(f"trackproxy: cannot prepare {config.state_dir}: {e}", file=sys.stderr)
         return 1

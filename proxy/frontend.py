@@ -17,7 +17,6 @@ does not start the pools cold.
 from __future__ import annotations
 
 import datetime
-import sys
 from collections.abc import Callable, Iterable
 from typing import IO
 
@@ -34,7 +33,7 @@ from proxy.config import Config
 from proxy.forward import Router
 from proxy.health import HealthBook
 from proxy.metrics import Metrics
-from proxy.server import HTTPFactory
+from proxy.server import HTTPFactory, IncomingRequest
 from proxy.statedir import challenge_dir
 from proxy.tls import SESSION_KEY_LIFETIME, CountingTLSFactory, ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
@@ -48,11 +47,13 @@ MAX_CONNECTIONS_PER_LISTENER = 10_000
 
 @attrs.frozen
 class Runtime:
-    """What one configuration puts in service."""
+    """What one configuration puts in service: a reload builds a new one and swaps it in
+    as one reference (``Frontend.runtime``), which the listeners read per request."""
 
     config: Config
     router: Router
     clients: dict[str, UpstreamClient]
+    access_log: AccessLog | None = None
 
 
 def build_runtime(
@@ -62,6 +63,7 @@ def build_runtime(
     metrics: Metrics | None,
     health: HealthBook,
     previous: Runtime | None = None,
+    access_log: AccessLog | None = None,
 ) -> Runtime:
     """Build the router and one pooled client per upstream in use (an unchanged upstream
     keeps the client, and its warm connections, of ``previous``)."""
@@ -91,7 +93,7 @@ def build_runtime(
         clock=reactor.seconds,  # type: ignore[attr-defined]
         health=health,
     )
-    return Runtime(config=config, router=router, clients=clients)
+    return Runtime(config=config, router=router, clients=clients, access_log=access_log)
 
 
 class Frontend:
@@ -115,7 +117,7 @@ class Frontend:
         metrics: Metrics,
         now: Callable[[], datetime.datetime],
         access_key: bytes,
-        out: IO[str] = sys.stdout,
+        out: IO[str],
         in_worker: bool = False,
     ) -> None:
         self._reactor = reactor
@@ -134,13 +136,13 @@ class Frontend:
             on_evict=metrics.cache_evicted,
         )
         self.health = HealthBook(reactor.seconds)  # type: ignore[attr-defined]
-        self.runtime = build_runtime(reactor, config, self.cache, metrics, self.health)
-        self.recorder = Recorder(metrics, None, reactor.seconds)  # type: ignore[attr-defined]
-        self._set_access_log(config)
+        self.runtime = build_runtime(reactor, config, self.cache, metrics, self.health,
+                                     access_log=self._access_log_for(config, None))
+        self.recorder = Recorder(metrics, lambda: self.runtime.access_log, reactor.seconds)  # type: ignore[attr-defined]
         limits = config.limits
         self.http_factory, self.https_factory = (
             HTTPFactory(
-                self.runtime.router.handle, scheme, limits.client_timeout, limits.max_header_bytes,
+                self._route, scheme, limits.client_timeout, limits.max_header_bytes,
                 reactor, self.recorder, limit=MAX_CONNECTIONS_PER_LISTENER,  # type: ignore[arg-type]
             )
             for scheme in (b"http", b"https")
@@ -160,14 +162,18 @@ class Frontend:
         """What listens for ``role`` (``http`` or ``https``)."""
         return self.tls_factory if role == "https" else self.http_factory
 
-    def _set_access_log(self, config: Config) -> None:
-        previous = self.recorder.access_log
-        self.recorder.access_log = AccessLog(
+    def _route(self, request: IncomingRequest) -> None:
+        """Both listeners' handler: the router of the runtime in service now."""
+        self.runtime.router.handle(request)
+
+    def _access_log_for(self, config: Config, previous: Runtime | None) -> AccessLog:
+        """The previous runtime's access log if ``log_paths`` did not change, else a new one."""
+        if previous is not None and previous.access_log is not None and previous.config.log_paths == config.log_paths:
+            return previous.access_log
+        return AccessLog(
             self._out, config.log_paths == "full", self._access_key,
             call_later=self._reactor.callLater,  # type: ignore[attr-defined]
         )
-        if previous is not None:
-            previous.flush()
 
     # ------------------------------------------------------------------ configuration
 
@@ -179,11 +185,11 @@ class Frontend:
                 and cannot be used; nothing changed.
         """
         old = self.runtime
-        runtime = build_runtime(self._reactor, config, self.cache, self.metrics, self.health, previous=old)
-        self.runtime = runtime
-        self.http_factory.handler = runtime.router.handle
-        self.https_factory.handler = runtime.router.handle
-        self._set_access_log(config)
+        runtime = build_runtime(self._reactor, config, self.cache, self.metrics, self.health, previous=old,
+                                access_log=self._access_log_for(config, old))
+        self.runtime = runtime  # the swap: what follows only tidies what the old one left
+        if old.access_log is not None and old.access_log is not runtime.access_log:
+            old.access_log.flush()
         self.cache.drop_domains_except(name.encode("ascii") for name in config.domains)
         self.health.keep_only(config.domains)
         kept = set(map(id, runtime.clients.values()))
@@ -251,8 +257,8 @@ class Frontend:
         return defer.gatherResults(closing, consumeErrors=True)
 
     def flush_logs(self) -> None:
-        if self.recorder.access_log is not None:
-            self.recorder.access_log.flush()
+        if self.runtime.access_log is not None:
+            self.runtime.access_log.flush()
 
 
 #: Past this many certificates loaded at once (a start, a reload of a large map), one

@@ -24,8 +24,8 @@ the certificate checks and the admin documents each need the others' state.)
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Callable, Mapping
+from typing import IO
 
 import attrs
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -42,7 +42,6 @@ from proxy.certs import AcmeRecords, CertificateState, CertificateView, describe
 from proxy.config import Config, ConfigErrors, load_config, parse_config
 from proxy.frontend import MAX_CONNECTIONS_PER_LISTENER, Frontend, Runtime, build_runtime
 from proxy.health import health_document
-from proxy.issuer import CertbotIssuer
 from proxy.metrics import Metrics
 from proxy.preflight import Preflight, resolver_for
 from proxy.renewal import RenewalManager
@@ -99,6 +98,7 @@ class Management:
         now: the wall clock for certificate validity (injected for tests).
         notifier: systemd's notification socket (a silent one by default).
         metrics: this process's metrics.
+        issuer: runs certbot for a domain (``issuer.CertbotIssuer`` in production).
     """
 
     def __init__(
@@ -108,6 +108,7 @@ class Management:
         now: Callable[[], datetime.datetime],
         notifier: Notifier | None,
         metrics: Metrics,
+        issuer: object,
     ) -> None:
         self._reactor = reactor
         self._now = now
@@ -124,7 +125,7 @@ class Management:
         self.renewals = RenewalManager(
             now,
             AcmeRecords(config.state_dir),
-            CertbotIssuer(reactor, os.environ),
+            issuer,
             on_issued=self.check_certificates,
             count=metrics.count_renewal,
         )
@@ -335,19 +336,26 @@ class ProxyService(Management):
     Args:
         reactor: the reactor to listen on and schedule with.
         config: the configuration to start with.
+        issuer: runs certbot for a domain (``issuer.CertbotIssuer`` in production).
+        out: where access lines go (standard output in production).
         now: the wall clock for certificate validity (injected for tests).
         notifier: systemd's notification socket.
+        metrics: this process's metrics (a new registry by default).
     """
 
     def __init__(
         self,
         reactor: object,
         config: Config,
+        *,
+        issuer: object,
+        out: IO[str],
         now: Callable[[], datetime.datetime] = utc_now,
         notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(reactor, config, now, notifier, new_metrics())
-        self.frontend = Frontend(reactor, config, self.metrics, now, self.access_key)
+        super().__init__(reactor, config, now, notifier, metrics or new_metrics(), issuer)
+        self.frontend = Frontend(reactor, config, self.metrics, now, self.access_key, out)
 
     # What tests and the admin read of the serving half.
     @property

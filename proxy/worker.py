@@ -83,7 +83,7 @@ class Worker:
             raise ValueError("started already")
         config = parse_config(text, path)  # the parent accepted it: errors are not expected
         self.frontend = Frontend(self._reactor, config, new_metrics(management=False), utc_now,
-                                 load_or_create_key(config.state_dir), in_worker=True)
+                                 load_or_create_key(config.state_dir), sys.stdout, in_worker=True)
         for role, fd, family in self._listeners:
             self.ports.append(self._reactor.adoptStreamPort(fd, family, self.frontend.factory_for(role)))
             os.close(fd)  # Twisted keeps its own duplicate

@@ -51,6 +51,7 @@ from proxy.config import Config, parse_config
 from proxy.control import ChannelFactory, ControlChannel
 from proxy.frontend import build_runtime, report_certificates
 from proxy.health import HealthBook, health_document
+from proxy.metrics import Metrics
 from proxy.service import ListenError, Management, new_metrics, utc_now
 from proxy.systemd import Notifier
 
@@ -195,11 +196,14 @@ class Supervisor(Management):
         reactor: Any,
         config: Config,
         count: int,
+        *,
+        issuer: object,
         now: Callable[[], datetime.datetime] = utc_now,
         notifier: Notifier | None = None,
         worker_command: Callable[[int, list[str]], list[str]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(reactor, config, now, notifier, new_metrics(serving=False))
+        super().__init__(reactor, config, now, notifier, metrics or new_metrics(serving=False), issuer)
         # What the workers are given to serve: the text of the file as it was accepted
         # (at start, at each reload), never what the file says now.
         with open(config.path, encoding="utf-8") as f:

@@ -180,7 +180,7 @@ def setup(tmp_path):
         config.domains, {n: client for n in config.upstreams}, ChallengeStore(str(tmp_path)),
         cache=cache, metrics=metrics, clock=clock.seconds,
     )
-    return HTTPFactory(router.handle, b"http", 30, 16384, clock, Recorder(metrics, None, clock.seconds)), client, clock, metrics
+    return HTTPFactory(router.handle, b"http", 30, 16384, clock, Recorder(metrics, lambda: None, clock.seconds)), client, clock, metrics
 
 
 def open_request(site, raw):

@@ -6,6 +6,7 @@ and outcome, the child process, the periodic re-read and reload, and the certifi
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import subprocess
@@ -644,7 +645,7 @@ def served(tmp_path):
     path = tmp_path / "trackproxy.yaml"
     path.write_text(YAML.format(state=tmp_path / "state", cert=cert, key=key, extra=OLD))
     reactor = MemoryReactorClock()
-    service = ProxyService(reactor, load_config(str(path)), now=lambda: T0)
+    service = ProxyService(reactor, load_config(str(path)), issuer=FakeIssuer(), out=io.StringIO(), now=lambda: T0)
     service.start()
     assert service.ready and len(reactor.tcpServers) == 3
     return service, reactor, path, cert, key
@@ -686,7 +687,7 @@ def test_an_invalid_reload_changes_nothing(served):
     line = text.count("\n") + 1
     assert not ok and summary["result"] == "failure"
     assert len(summary["errors"]) == 1 and summary["errors"][0].startswith(f"{path}:{line}:1: ")
-    assert service.runtime.router is router and service.http_factory.handler == router.handle
+    assert service.runtime.router is router
     assert service.server_tls._contexts is contexts
     registry = service.metrics.registry
     assert registry.get_sample_value("trackproxy_config_reloads_total", {"result": "failure"}) == 1
@@ -702,7 +703,7 @@ def test_a_good_reload_adds_a_domain_and_drops_a_removed_ones_cache(served, tmp_
     ok, summary = service.reload()
     assert ok and summary["result"] == "success" and summary["domains"] == 2
     assert set(service.runtime.config.domains) == {"track.example.com", "click.example.com"}
-    assert set(service.https_factory.handler.__self__.routes) == {"track.example.com", "click.example.com"}
+    assert set(service.runtime.router.routes) == {"track.example.com", "click.example.com"}
     assert service.cache.entries_per_domain() == {"track.example.com": 1}
     assert service.metrics.registry.get_sample_value("trackproxy_config_reloads_total", {"result": "success"}) == 1
 
