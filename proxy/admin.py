@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,25 +22,31 @@ from twisted.web.resource import Resource
 
 from proxy import http11
 
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+_T = TypeVar("_T")
+
 log = Logger(namespace="trackproxy.admin")
 
 
-def _answer_later(request: server.Request, result: object, write: Callable[[object], bytes]) -> object:
+def _answer_later(request: server.Request, result: _T | defer.Deferred[_T], write: Callable[[_T], bytes]) -> int:
     """Render ``result`` (a value or a Deferred of one) with ``write``, now or when it fires."""
-    d = defer.maybeDeferred(lambda: result)
+    # maybeDeferred waits for a Deferred result (its overloads cannot say so for a union).
+    d = cast("defer.Deferred[_T]", defer.maybeDeferred(lambda: result))
 
-    def done(value: object) -> None:
+    def done(value: _T) -> None:
         if request.finished or request._disconnected:
             return
-        request.write(write(value))
-        request.finish()
+        request.write(write(value))  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
 
-    def failed(failure: object) -> None:
+    def failed(failure: Failure) -> None:
         log.failure("admin request failed", failure)
         if request.finished or request._disconnected:
             return
-        request.write(_json(request, 500, {"error": "internal error (see the log)"}))
-        request.finish()
+        request.write(_json(request, 500, {"error": "internal error (see the log)"}))  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
 
     d.addCallbacks(done, failed)
     return server.NOT_DONE_YET
@@ -51,12 +58,12 @@ class HealthResource(Resource):
     isLeaf = True
 
     def __init__(self, is_ready: Callable[[], bool]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._is_ready = is_ready
 
     def render_GET(self, request: server.Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
+        request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
         if self._is_ready():
             return b"ok\n"
         request.setResponseCode(503)
@@ -68,16 +75,18 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, exposition: Callable[[str | None], object]) -> None:
-        super().__init__()
+    def __init__(
+        self, exposition: Callable[[str | None], tuple[bytes, str] | defer.Deferred[tuple[bytes, str]]]
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         self._exposition = exposition
 
-    def render_GET(self, request: server.Request) -> object:
+    def render_GET(self, request: server.Request) -> int:
         accept = request.getHeader(b"accept")
 
-        def write(answer: object) -> bytes:
-            body, content_type = answer  # type: ignore[misc]
-            request.setHeader(b"content-type", content_type.encode("ascii"))
+        def write(answer: tuple[bytes, str]) -> bytes:
+            body, content_type = answer
+            request.setHeader(b"content-type", content_type.encode("ascii"))  # type: ignore[no-untyped-call]
             return body
 
         return _answer_later(request, self._exposition(accept.decode("latin-1") if accept else None), write)
@@ -85,8 +94,8 @@ class MetricsResource(Resource):
 
 def _json(request: server.Request, code: int, document: object) -> bytes:
     request.setResponseCode(code, http11.reason(code))
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"content-type", b"application/json")  # type: ignore[no-untyped-call]
+    request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
     return json.dumps(document, indent=2).encode("utf-8") + b"\n"
 
 
@@ -95,11 +104,11 @@ class StatusResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, status: Callable[[], object]) -> None:
-        super().__init__()
+    def __init__(self, status: Callable[[], dict[str, Any] | defer.Deferred[dict[str, Any]]]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         self._status = status
 
-    def render_GET(self, request: server.Request) -> object:
+    def render_GET(self, request: server.Request) -> int:
         return _answer_later(request, self._status(), lambda document: _json(request, 200, document))
 
 
@@ -109,13 +118,15 @@ class ReloadResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, reload: Callable[[], object]) -> None:
-        super().__init__()
+    def __init__(
+        self, reload: Callable[[], tuple[bool, dict[str, Any]] | defer.Deferred[tuple[bool, dict[str, Any]]]]
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         self._reload = reload
 
-    def render_POST(self, request: server.Request) -> object:
-        def write(result: object) -> bytes:
-            ok, outcome = result  # type: ignore[misc]
+    def render_POST(self, request: server.Request) -> int:
+        def write(result: tuple[bool, dict[str, Any]]) -> bytes:
+            ok, outcome = result
             return _json(request, 200 if ok else 422, outcome)
 
         return _answer_later(request, self._reload(), write)
@@ -137,8 +148,9 @@ def decode_config_path(value: str) -> str:
 
 class _AdminRequest(server.Request):
     def process(self) -> None:
-        self.setHeader(CONFIG_HEADER, encode_config_path(self.channel.site.config_path()))
-        super().process()
+        # Site.buildProtocol sets the channel's site; HTTPChannel does not declare it.
+        self.setHeader(CONFIG_HEADER, encode_config_path(self.channel.site.config_path()))  # type: ignore[attr-defined, no-untyped-call]
+        super().process()  # type: ignore[no-untyped-call]
 
 
 class AdminSite(server.Site):
@@ -155,17 +167,17 @@ class AdminSite(server.Site):
     def __init__(
         self,
         is_ready: Callable[[], bool],
-        exposition: Callable[[str | None], object],
-        status: Callable[[], object],
-        reload: Callable[[], object],
+        exposition: Callable[[str | None], tuple[bytes, str] | defer.Deferred[tuple[bytes, str]]],
+        status: Callable[[], dict[str, Any] | defer.Deferred[dict[str, Any]]],
+        reload: Callable[[], tuple[bool, dict[str, Any]] | defer.Deferred[tuple[bool, dict[str, Any]]]],
         config_path: Callable[[], str],
     ) -> None:
-        root = Resource()
+        root = Resource()  # type: ignore[no-untyped-call]
         root.putChild(b"healthz", HealthResource(is_ready))
         root.putChild(b"metrics", MetricsResource(exposition))
         root.putChild(b"status", StatusResource(status))
         root.putChild(b"reload", ReloadResource(reload))
-        super().__init__(root)
+        super().__init__(root)  # type: ignore[no-untyped-call]
         self.config_path = config_path
 
     def log(self, request: object) -> None:

@@ -78,7 +78,9 @@ def _seconds(text: bytes) -> float:
 class Storable(Protocol):
     """What the cache keeps (``forward.Relayed``): it knows its own size in bytes."""
 
-    size: int
+    @property
+    def size(self) -> int:  # read-only: Relayed is frozen
+        ...
 
 
 @attrs.frozen
@@ -116,7 +118,7 @@ class ResponseCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._expiry: list[tuple[float, bytes]] = []
-        self._inflight: dict[bytes, list[defer.Deferred]] = {}
+        self._inflight: dict[bytes, list[defer.Deferred[Storable | None]]] = {}
         self.bytes = 0
         self._on_change = on_change
         self._on_evict = on_evict
@@ -206,12 +208,12 @@ class ResponseCache:
 
     # Coalescing
 
-    def join(self, key: bytes) -> defer.Deferred | None:
+    def join(self, key: bytes) -> defer.Deferred[Storable | None] | None:
         """Wait for the fetch already under way for ``key``; None if there is none."""
         waiters = self._inflight.get(key)
         if waiters is None:
             return None
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[Storable | None] = defer.Deferred()
         waiters.append(d)
         return d
 

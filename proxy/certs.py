@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.logger import Logger
@@ -39,6 +40,9 @@ from proxy.statedir import (
     write_atomically,
 )
 from proxy.tls import CertificateLoadError, CertifiedKey, load_pair, pair_digest, parse_pair, read_pair
+
+if TYPE_CHECKING:
+    import builtins
 
 _log = Logger(namespace="trackproxy.certs")
 
@@ -77,7 +81,7 @@ def certificate_files(config: Config, domain: Domain) -> tuple[str, str] | None:
     spec = domain.certificate
     directory = domain_cert_dir(config.state_dir, domain.name)
     if spec.kind == "files":
-        return spec.cert, spec.key  # type: ignore[return-value]
+        return cast("tuple[str, str]", (spec.cert, spec.key))  # config sets both for "files"
     if spec.kind == "self-signed":
         return (os.path.join(directory, SELF_SIGNED_CERT), os.path.join(directory, SELF_SIGNED_KEY))
     if spec.kind == "acme":
@@ -151,22 +155,23 @@ class CertificateStore:
         fingerprint = _fingerprints(files)
         previous = self._states.get(domain.name)
         same_source = previous is not None and previous.source == source
-        if same_source and previous.files == fingerprint and not reread:  # type: ignore[union-attr]
+        if same_source and previous is not None and previous.files == fingerprint and not reread:
             return attrs.evolve(previous, status=self._status_for(previous.not_after, previous))
         if source == "acme" and fingerprint[0][1] == (0, 0, 0):
             # Nothing issued yet: the domain waits for certbot.
             return CertificateState(domain.name, source, "inactive", files=fingerprint)
         try:
             data = read_pair(*files)
-            kept = previous.context if same_source else None  # type: ignore[union-attr]
+            kept = previous.context if same_source and previous is not None else None
             if kept is not None and kept.digest == pair_digest(data):
                 # Read again (an explicit reload reads every file) and unchanged.
+                assert previous is not None  # kept is its context
                 return attrs.evolve(previous, files=fingerprint, last_error=None,
                                     status=self._status_for(previous.not_after, previous))
             context = parse_pair(data, *files)
         except (CertificateLoadError, OSError, ValueError) as e:
             reason = e.reason if isinstance(e, CertificateLoadError) else f"{files[0]}: {e}"
-            if same_source and previous.context is not None:  # type: ignore[union-attr]
+            if same_source and previous is not None and previous.context is not None:
                 # Keep serving what worked; say what was refused.
                 return attrs.evolve(previous, last_error=reason, files=fingerprint)
             return CertificateState(domain.name, source, "failed", last_error=reason, files=fingerprint)
@@ -200,7 +205,7 @@ def ensure_self_signed(config: Config, domain: Domain, now: datetime.datetime) -
     Kept across restarts so that a browser exception or a pinned test client keeps
     working; made again when missing, unreadable, for another name, or near its end.
     """
-    cert_path, key_path = certificate_files(config, domain)  # type: ignore[misc]
+    cert_path, key_path = cast("tuple[str, str]", certificate_files(config, domain))  # self-signed: never None
     if _self_signed_is_usable(cert_path, key_path, domain.name, now):
         return
     cert, key = pki.self_signed(
@@ -276,7 +281,7 @@ class AcmeRecords:
             self._records[domain] = record
         self._write()
 
-    def forget_except(self, domains: frozenset[str] | set[str]) -> None:
+    def forget_except(self, domains: frozenset[str] | builtins.set[str]) -> None:
         """Drop the records of domains no longer configured."""
         gone = [d for d in self._records if d not in domains]
         for domain in gone:
@@ -297,7 +302,7 @@ class AcmeRecords:
             self.write_error = None
 
 
-def _record_from(entry: dict) -> AcmeRecord:
+def _record_from(entry: dict[str, Any]) -> AcmeRecord:
     """One record as written by :meth:`AcmeRecords._write`; ValueError/TypeError if the
     file was edited into something else."""
     next_attempt = entry.get("next_attempt")

@@ -23,18 +23,29 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy import __version__
 from proxy.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     Config,
-    ConfigErrors,
     admin_url,
     config_path,
     load_config,
 )
+from proxy.yamlnodes import ConfigErrors
+
+if TYPE_CHECKING:
+    from email.message import Message
+
+    from twisted.python.failure import Failure
+
+    from proxy.doctor import DoctorReactor
+    from proxy.service import ProxyService
+    from proxy.standin import StandInReactor
+    from proxy.workers import Supervisor
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -162,6 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     log = Logger(namespace="trackproxy.cli")
     workers = worker_count(config)
+    service: ProxyService | Supervisor
     try:
         if workers == 1:
             service = ProxyService(reactor, config, issuer=CertbotIssuer(reactor, os.environ), out=sys.stdout,
@@ -174,8 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     outcome = {"code": 0}
 
-    def failed(failure: object) -> None:
-        log.critical("start-up failed: {error}", error=failure.getErrorMessage())  # type: ignore[attr-defined]
+    def failed(failure: Failure) -> None:
+        log.critical("start-up failed: {error}", error=failure.getErrorMessage())
         outcome["code"] = 1
         reactor.stop()
 
@@ -205,7 +217,7 @@ class AdminListener:
         self.config = config
         self.base = admin_url(config)
 
-    def _open(self, method: str, path: str) -> tuple[int, bytes, object]:
+    def _open(self, method: str, path: str) -> tuple[int, bytes, Message]:
         if self.base is None:
             raise AdminUnreachable(f"{self.config.path} has no tcp admin listener to talk to")
         request = urllib.request.Request(
@@ -232,7 +244,7 @@ class AdminListener:
         from proxy.admin import CONFIG_HEADER, decode_config_path
 
         _, _, headers = self._open("GET", "/healthz")
-        value = headers.get(CONFIG_HEADER.decode("ascii"))  # type: ignore[attr-defined]
+        value = headers.get(CONFIG_HEADER.decode("ascii"))
         mine = self.config.path
         where = f"{self.base} (listen.admin of {mine})"
         if value is None:
@@ -322,7 +334,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_status(status: dict) -> str:
+def format_status(status: dict[str, Any]) -> str:
     """The ``/status`` document as a table for a person, then one line per problem."""
     config = status["config"]
     lines = [
@@ -353,7 +365,7 @@ def format_status(status: dict) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def upstream_health_summary(health: dict) -> str:
+def upstream_health_summary(health: dict[str, Any]) -> str:
     """``ok``, or the failed share of the last five minutes' upstream requests."""
     ratio = health.get("failed_ratio_5m") or 0.0
     if ratio > 0:
@@ -369,8 +381,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     from proxy.doctor import run_doctor
 
+    # Twisted types the global reactor as its "common" interfaces; it provides IReactorUDP too.
     return run_doctor(
-        config, args.domains, reactor, addresses=args.address, ca_files=args.ca_file,
+        config, args.domains, cast("DoctorReactor", reactor), addresses=args.address, ca_files=args.ca_file,
         trust_self_signed=args.trust_self_signed, preamble=AdminListener(config).describe(),
     )
 
@@ -390,7 +403,9 @@ def cmd_stand_in(args: argparse.Namespace) -> int:
         return 2
     from twisted.internet import reactor
 
-    return run(reactor, name, args.port, delay, args.dir or default_directory(), args.quiet)
+    # Twisted types the global reactor as its "common" interfaces; it provides IReactorThreads
+    # too, and its listenTCP takes any factory.
+    return run(cast("StandInReactor", reactor), name, args.port, delay, args.dir or default_directory(), args.quiet)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -448,7 +463,8 @@ def _renewal_due(config: Config, domain: str) -> tuple[bool, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return args.handler(args)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
 
 
 if __name__ == "__main__":

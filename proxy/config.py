@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -31,6 +32,9 @@ from proxy.endpoints import local_address, parse_endpoint
 from proxy.presets import preset_for
 from proxy.values import normalise_domain, parse_host_port
 from proxy.yamlnodes import ConfigError, ConfigErrors, Reader, Reported, Warning_, compose
+
+if TYPE_CHECKING:
+    from proxy.presets import Preset
 
 DEFAULT_CONFIG_PATH = "/etc/trackproxy/trackproxy.yaml"
 CONFIG_ENV = "TRACKPROXY_CONFIG"
@@ -266,7 +270,8 @@ def _read_upstreams(r: Reader, node: yaml.Node | None) -> dict[str, Upstream]:
             r.error(key_node, f"{what}: url is required (only built-in presets may omit it)")
             continue
         try:
-            url = r.as_string(url_node, f"{what}.url") if url_node is not None else preset.url
+            # Without a url node there is a preset (checked above).
+            url = r.as_string(url_node, f"{what}.url") if url_node is not None else cast("Preset", preset).url
             scheme, host, port = _parse_upstream_url(url)
         except ValueError as exc:
             r.error(url_node, f"{what}.url: {exc}")
@@ -513,7 +518,7 @@ def parse_config(text: str, path: str) -> Config:
     resolvers = r.value(top, "resolvers", "config", r.as_list(resolver), ())
     upstreams = _read_upstreams(r, section("upstreams"))
     defaults = (
-        _read_domain_settings(r, section("defaults"), "defaults")
+        _read_domain_settings(r, cast("yaml.Node", section("defaults")), "defaults")
         if "defaults" in top
         else _DomainSettings()
     )
@@ -566,7 +571,7 @@ def admin_url(config: Config) -> str | None:
         endpoint = parse_endpoint(description)
         if endpoint.kind not in ("tcp", "tcp6"):
             continue
-        host, port = local_address(endpoint, 0)  # type: ignore[misc]
+        host, port = cast("tuple[str, int]", local_address(endpoint, 0))  # tcp, tcp6: never None
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{port}"

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress
 
 log = Logger(namespace="trackproxy.control")
 
@@ -43,19 +46,19 @@ class ControlChannel(Int32StringReceiver):
     def __init__(self, handler: Handler, on_lost: Callable[[], None] = lambda: None) -> None:
         self._handler = handler
         self._on_lost = on_lost
-        self._pending: dict[int, defer.Deferred] = {}
+        self._pending: dict[int, defer.Deferred[Any]] = {}
         self._next_id = 0
         self.open = False
 
     def connectionMade(self) -> None:
         self.open = True
 
-    def call(self, op: str, **fields: Any) -> defer.Deferred:
+    def call(self, op: str, **fields: Any) -> defer.Deferred[Any]:
         """Ask the other side; fires with its ``result`` or fails with :class:`ControlError`."""
         if not self.open:
             return defer.fail(ControlError("the control connection is closed"))
         self._next_id += 1
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[Any] = defer.Deferred()
         self._pending[self._next_id] = d
         self._send({"op": op, "id": self._next_id, **fields})
         return d
@@ -65,7 +68,7 @@ class ControlChannel(Int32StringReceiver):
             self._send({"op": op, **fields})
 
     def _send(self, message: dict[str, Any]) -> None:
-        self.sendString(json.dumps(message).encode("utf-8"))
+        self.sendString(json.dumps(message).encode("utf-8"))  # type: ignore[no-untyped-call]
 
     def stringReceived(self, data: bytes) -> None:
         try:
@@ -99,9 +102,10 @@ class ControlChannel(Int32StringReceiver):
 
     def lengthLimitExceeded(self, length: int) -> None:
         log.error("control message of {length} bytes refused", length=length)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        assert self.transport is not None  # only data received over a connection gets here
+        self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.open = False
         pending, self._pending = self._pending, {}
         for d in pending.values():
@@ -118,5 +122,5 @@ class ChannelFactory(Factory):
     def __init__(self, channel: ControlChannel) -> None:
         self._channel = channel
 
-    def buildProtocol(self, addr: object) -> ControlChannel:
+    def buildProtocol(self, addr: IAddress | None) -> ControlChannel:
         return self._channel

@@ -27,19 +27,28 @@ import os
 import socket
 import ssl
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import IO, Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
-from twisted.internet.interfaces import IReactorCore, IResolver
+from twisted.internet.interfaces import IResolver
 from twisted.python.failure import Failure
 
 from proxy import __version__
 from proxy.config import Config, Domain
 from proxy.endpoints import local_address, parse_endpoint
-from proxy.preflight import CAAFound, Resolution, ca_identities, caa_permits, find_caa, resolve, resolver_for
+from proxy.preflight import (
+    CAAFound,
+    NamesReactor,
+    Resolution,
+    ca_identities,
+    caa_permits,
+    find_caa,
+    resolve,
+    resolver_for,
+)
 from proxy.values import normalise_domain
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
@@ -357,16 +366,36 @@ async def _ask_dns(resolver: IResolver, names: Sequence[str]) -> dict[str, tuple
     return dict(zip(names, results))
 
 
-def run_until_done(reactor: IReactorCore, make: Any) -> Any:
+_T = TypeVar("_T")
+
+
+class CoreReactor(Protocol):
+    """What :func:`run_until_done` uses of a reactor: ``IReactorCore``'s running and stopping."""
+
+    def callWhenRunning(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> Any | None:
+        ...
+
+    def run(self) -> None:
+        ...
+
+    def stop(self) -> None:
+        ...
+
+
+class DoctorReactor(CoreReactor, NamesReactor, Protocol):
+    """What :func:`run_doctor` uses of a reactor: running it, and DNS through Twisted Names."""
+
+
+def run_until_done(reactor: CoreReactor, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     """Run ``reactor`` until the coroutine ``make()`` finishes; its result.
 
     Raises:
         KeyboardInterrupt: the reactor was stopped (Ctrl-C) before it finished.
     """
-    box: list[Any] = []
+    box: list[_T | Failure] = []
 
     def start() -> None:
-        d: Deferred[Any] = ensureDeferred(make())
+        d: Deferred[_T] = ensureDeferred(make())
         d.addBoth(box.append)
         d.addBoth(lambda _: reactor.stop())
 
@@ -388,7 +417,8 @@ def local_addresses(toward: Iterable[str] = ()) -> tuple[str, ...]:
     ``toward`` and the Internet (a UDP ``connect`` only consults the routing table)."""
     found: list[str] = []
     try:
-        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
+        # An IPv4 or IPv6 address: the text of one (a name resolves to no other family).
+        found += [cast(str, info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)]
     except OSError:
         pass
     for address in (*toward, *_ROUTE_PROBES):
@@ -568,7 +598,7 @@ def self_signed_certificates(config: Config) -> tuple[str, ...]:
 def run_doctor(
     config: Config,
     names: Sequence[str],
-    reactor: Any,
+    reactor: DoctorReactor,
     addresses: Sequence[str] = (),
     ca_files: Sequence[str] = (),
     trust_self_signed: bool = False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import socket
+from typing import cast
 
 import attrs
 
@@ -102,7 +103,7 @@ def local_address(endpoint: Endpoint, systemd_port: int) -> tuple[str, int] | No
     host = endpoint.interface
     if host in ("", "0.0.0.0", "::"):
         host = "::1" if endpoint.kind == "tcp6" or host == "::" else "127.0.0.1"
-    return host, endpoint.port  # type: ignore[return-value]
+    return host, cast(int, endpoint.port)  # tcp, tcp6: parse_endpoint sets it
 
 
 def family(endpoint: Endpoint) -> int:
@@ -130,9 +131,9 @@ def bind(endpoint: Endpoint) -> socket.socket:
         if sock_family == socket.AF_UNIX:
             if endpoint.path and os.path.exists(endpoint.path) and not os.path.isdir(endpoint.path):
                 os.unlink(endpoint.path)
-            sock.bind(endpoint.path)
+            sock.bind(cast(str, endpoint.path))  # unix: parse_endpoint sets it
             if endpoint.mode is not None:
-                os.chmod(endpoint.path, endpoint.mode)  # type: ignore[arg-type]
+                os.chmod(cast(str, endpoint.path), endpoint.mode)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             interface = endpoint.interface or ("::" if sock_family == socket.AF_INET6 else "")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.internet import defer
@@ -40,6 +41,9 @@ from proxy.health import HealthBook, UpstreamHealth
 from proxy.metrics import Metrics
 from proxy.server import IncomingRequest, client_ip
 from proxy.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
 
 __all__ = ["Router", "client_ip"]
 
@@ -315,12 +319,13 @@ class Router:
 
     def _through_cache(self, request: IncomingRequest, route: Route, target: bytes) -> None:
         """Answer from the cache, from a fetch already under way, or fetch and store."""
-        cache: ResponseCache = self.cache  # type: ignore[assignment]
+        cache: ResponseCache = self.cache  # type: ignore[assignment]  # route.cached: there is a cache
         key = cache_key(request.scheme, route.host, target)
         entry = cache.get(key)
         if entry is not None:
             request.cache_label = "hit"
-            self.relay(entry.answer, request, age=cache.age(entry))
+            answer: Relayed = entry.answer  # type: ignore[assignment]  # what _forward stored
+            self.relay(answer, request, age=cache.age(entry))
             return
         waiting = cache.join(key)
         if waiting is not None:
@@ -340,8 +345,8 @@ class Router:
         d.addBoth(self._store_and_share, key, route)
         d.addCallbacks(self.relay, self._upstream_failed, callbackArgs=(request,), errbackArgs=(request, route))
 
-    def _store_and_share(self, outcome: object, key: bytes, route: Route) -> object:
-        cache: ResponseCache = self.cache  # type: ignore[assignment]
+    def _store_and_share(self, outcome: UpstreamResponse | Failure, key: bytes, route: Route) -> Relayed | Failure:
+        cache: ResponseCache = self.cache  # type: ignore[assignment]  # (cast() costs a call)
         if isinstance(outcome, UpstreamResponse):
             answer = prepare(outcome)
             ttl = storable_ttl(outcome, route.domain.cache_ttl)
@@ -351,7 +356,7 @@ class Router:
             else:
                 cache.settle(key, None)  # not shareable: each waiter fetches its own
             return answer
-        cache.settle(key, outcome)  # type: ignore[arg-type]  # the same error for every waiter
+        cache.settle(key, outcome)  # the same error for every waiter
         return outcome
 
     def _shared_answer(self, answer: Relayed | None, request: IncomingRequest, route: Route, target: bytes) -> None:
@@ -380,7 +385,7 @@ class Router:
     def _relay_response(self, response: UpstreamResponse, request: IncomingRequest) -> None:
         self.relay(prepare(response), request)
 
-    def _fetch(self, request: IncomingRequest, route: Route, target: bytes) -> defer.Deferred:
+    def _fetch(self, request: IncomingRequest, route: Route, target: bytes) -> defer.Deferred[UpstreamResponse]:
         peer = request.peer
         headers = upstream_request_headers(
             request.headers, route.host, peer, request.scheme, self.is_trusted(peer),
@@ -391,7 +396,9 @@ class Router:
             d.addBoth(self._count_upstream, route, self.clock())
         return d
 
-    def _count_upstream(self, outcome: object, route: Route, started: float) -> object:
+    def _count_upstream(
+        self, outcome: UpstreamResponse | Failure, route: Route, started: float
+    ) -> UpstreamResponse | Failure:
         if isinstance(outcome, UpstreamResponse):
             name = "ok"
             if route.health is not None:
@@ -434,9 +441,9 @@ class Router:
             extra += b"Content-Length: %d\r\n" % answer.length
         request.send(answer.code, answer.head + extra, answer.body)
 
-    def _upstream_failed(self, failure: object, request: IncomingRequest, route: Route) -> None:
+    def _upstream_failed(self, failure: Failure, request: IncomingRequest, route: Route) -> None:
         """Map an upstream failure to 504 (too slow) or 502 (anything else) and log it once."""
-        exc = failure.value  # type: ignore[attr-defined]
+        exc = failure.value
         if not isinstance(exc, UpstreamError):
             log.failure("unexpected error relaying for {domain}", failure, domain=route.domain.name)
             self.respond(request, 502, b"bad gateway")

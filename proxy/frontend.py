@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterable
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.internet import defer
@@ -37,6 +37,11 @@ from proxy.server import HTTPFactory, IncomingRequest
 from proxy.statedir import challenge_dir
 from proxy.tls import SESSION_KEY_LIFETIME, CountingTLSFactory, ServerTLS
 from proxy.upstream import UpstreamClient, rotate_every
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+
+    from proxy.upstream import UpstreamReactor
 
 log = Logger(namespace="trackproxy.service")
 
@@ -57,7 +62,7 @@ class Runtime:
 
 
 def build_runtime(
-    reactor: object,
+    reactor: IReactorTime,
     config: Config,
     cache: ResponseCache,
     metrics: Metrics | None,
@@ -80,8 +85,10 @@ def build_runtime(
         if old is not None and old.upstream == upstream:
             clients[upstream.name] = old
         else:
+            # The reactor is Twisted's: it provides IReactorTCP and a name resolver as well as IReactorTime.
             clients[upstream.name] = UpstreamClient(
-                reactor, upstream, connect_timeout=limits.upstream_connect_timeout, timeout=limits.upstream_timeout
+                cast("UpstreamReactor", reactor), upstream,
+                connect_timeout=limits.upstream_connect_timeout, timeout=limits.upstream_timeout,
             )
     router = Router(
         config.domains,
@@ -90,7 +97,7 @@ def build_runtime(
         config.trusted_proxies,
         cache=cache,
         metrics=metrics,
-        clock=reactor.seconds,  # type: ignore[attr-defined]
+        clock=reactor.seconds,
         health=health,
     )
     return Runtime(config=config, router=router, clients=clients, access_log=access_log)
@@ -112,7 +119,7 @@ class Frontend:
 
     def __init__(
         self,
-        reactor: object,
+        reactor: IReactorTime,
         config: Config,
         metrics: Metrics,
         now: Callable[[], datetime.datetime],
@@ -129,21 +136,21 @@ class Frontend:
         self._report = not in_worker
         # One cache per process, kept across reloads (which drop removed domains' entries).
         self.cache = ResponseCache(
-            reactor.seconds,  # type: ignore[attr-defined]
+            reactor.seconds,
             config.cache.max_entries,
             config.cache.max_bytes,
             on_change=metrics.cache_changed,
             on_evict=metrics.cache_evicted,
         )
-        self.health = HealthBook(reactor.seconds)  # type: ignore[attr-defined]
+        self.health = HealthBook(reactor.seconds)
         self.runtime = build_runtime(reactor, config, self.cache, metrics, self.health,
                                      access_log=self._access_log_for(config, None))
-        self.recorder = Recorder(metrics, lambda: self.runtime.access_log, reactor.seconds)  # type: ignore[attr-defined]
+        self.recorder = Recorder(metrics, lambda: self.runtime.access_log, reactor.seconds)
         limits = config.limits
         self.http_factory, self.https_factory = (
             HTTPFactory(
                 self._route, scheme, limits.client_timeout, limits.max_header_bytes,
-                reactor, self.recorder, limit=MAX_CONNECTIONS_PER_LISTENER,  # type: ignore[arg-type]
+                reactor, self.recorder, limit=MAX_CONNECTIONS_PER_LISTENER,
             )
             for scheme in (b"http", b"https")
         )
@@ -158,7 +165,7 @@ class Frontend:
     def config(self) -> Config:
         return self.runtime.config
 
-    def factory_for(self, role: str) -> object:
+    def factory_for(self, role: str) -> IProtocolFactory:
         """What listens for ``role`` (``http`` or ``https``)."""
         return self.tls_factory if role == "https" else self.http_factory
 
@@ -172,7 +179,7 @@ class Frontend:
             return previous.access_log
         return AccessLog(
             self._out, config.log_paths == "full", self._access_key,
-            call_later=self._reactor.callLater,  # type: ignore[attr-defined]
+            call_later=self._reactor.callLater,
         )
 
     # ------------------------------------------------------------------ configuration
@@ -215,7 +222,7 @@ class Frontend:
         self._session_keys.clock = self._reactor
         self._session_keys.start(SESSION_KEY_LIFETIME, now=False)
 
-    def status(self) -> tuple[dict[str, int], dict[str, dict]]:
+    def status(self) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
         """Per domain: cache entries, and upstream health counts (for ``/status``)."""
         health = {}
         for name in self.config.domains:
@@ -225,29 +232,29 @@ class Frontend:
                             "last_error_at": record.last_error_at}
         return self.cache.entries_per_domain(), health
 
-    def drain(self, within: float) -> defer.Deferred:
+    def drain(self, within: float) -> defer.Deferred[None]:
         """Close idle connections now and the others once their answer is out; fires
         when all are closed, or after ``within`` seconds (the rest are cut)."""
         factories = (self.http_factory, self.https_factory)
         for factory in factories:
             factory.drain()
-        done: defer.Deferred = defer.Deferred()
-        deadline = self._reactor.seconds() + within  # type: ignore[attr-defined]
+        done: defer.Deferred[None] = defer.Deferred()
+        deadline = self._reactor.seconds() + within
 
         def check() -> None:
             if all(f.open_connections == 0 for f in factories):
                 done.callback(None)
-            elif self._reactor.seconds() >= deadline:  # type: ignore[attr-defined]
+            elif self._reactor.seconds() >= deadline:
                 for factory in factories:
                     factory.cut()
                 done.callback(None)
             else:
-                self._reactor.callLater(0.05, check)  # type: ignore[attr-defined]
+                self._reactor.callLater(0.05, check)
 
         check()
         return done
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[list[None]]:
         """Stop the schedule, close idle upstream connections, write held log lines."""
         for loop in (self._rotation, self._session_keys):
             if loop is not None and loop.running:
@@ -267,7 +274,7 @@ REPORT_EACH_UP_TO = 20
 
 
 def report_certificates(
-    previous: dict[str, CertificateState] | Iterable, states: dict[str, CertificateState]
+    previous: dict[str, CertificateState] | Iterable[str], states: dict[str, CertificateState]
 ) -> None:
     """Log each certificate that changed: loaded, refused, or still missing."""
     from proxy.certs import iso

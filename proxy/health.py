@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterable
+from typing import Any
 
 #: The window ``failed_ratio_5m`` covers.
 WINDOW = 300.0
@@ -68,13 +69,13 @@ class UpstreamHealth:
         total = ok + failed
         return round(failed / total, 4) if total else 0.0
 
-    def document(self) -> dict:
+    def document(self) -> dict[str, Any]:
         """The ``upstream_health`` object of ``/status``."""
         ok, failed = self.counts()
         return health_document(ok, failed, self.last_error, self.last_error_at)
 
 
-def health_document(ok: int, failed: int, last_error: str | None, last_error_at: float | None) -> dict:
+def health_document(ok: int, failed: int, last_error: str | None, last_error_at: float | None) -> dict[str, Any]:
     """The ``upstream_health`` object of ``/status`` (also from several processes' counts)."""
     at = None
     if last_error_at is not None:

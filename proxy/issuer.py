@@ -31,10 +31,12 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, AnyStr, Protocol, cast
 
 import attrs
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IDelayedCall, IProcessProtocol, IProcessTransport
 from twisted.python.failure import Failure
 
 from proxy.config import AcmeSettings
@@ -220,14 +222,14 @@ def last_acme_problem(log: str) -> CertbotOutcome | None:
     return found
 
 
-def _problem_in(document: object) -> dict | None:
+def _problem_in(document: object) -> dict[str, Any] | None:
     if not isinstance(document, dict):
         return None
     if str(document.get("type", "")).startswith(_ACME_ERROR):
         return document
     for challenge in document.get("challenges") or ():
         if isinstance(challenge, dict) and isinstance(challenge.get("error"), dict):
-            return challenge["error"]  # type: ignore[no-any-return]
+            return cast("dict[str, Any]", challenge["error"])
     return None
 
 
@@ -235,6 +237,7 @@ def _retry_after(head: str, detail: str) -> float | None:
     """When the CA says to ask again (epoch seconds): its ``Retry-After`` header, in
     seconds from its ``Date`` or as an HTTP date, else a "retry after" in its detail."""
     headers = {}
+    value: str | None
     for line in head.splitlines()[2:]:
         name, sep, value = line.partition(":")
         if sep:
@@ -278,6 +281,27 @@ class _Collector(protocol.ProcessProtocol):
         self.done.callback((code, self.output.decode("utf-8", "replace")))
 
 
+class ProcessReactor(Protocol):
+    """What a certbot run uses of the reactor: ``IReactorProcess`` and ``IReactorTime``."""
+
+    def spawnProcess(
+        self,
+        processProtocol: IProcessProtocol,
+        executable: bytes | str,
+        args: Sequence[bytes | str],
+        env: Mapping[AnyStr, AnyStr] | None = None,
+        path: None | bytes | str = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Mapping[int, int | str] | None = None,
+    ) -> IProcessTransport:
+        ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object) -> IDelayedCall:
+        ...
+
+
 class CertbotIssuer:
     """Runs certbot for one domain at a time, without blocking the reactor.
 
@@ -288,15 +312,17 @@ class CertbotIssuer:
         wall_clock: epoch seconds now (to tell this run's debug log from an older one).
     """
 
-    def __init__(self, reactor: object, environ: Mapping[str, str], python: str = sys.executable,
+    def __init__(self, reactor: ProcessReactor, environ: Mapping[str, str], python: str = sys.executable,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self._reactor = reactor
         self._environ = environ
         self._python = python
         self._wall_clock = wall_clock
-        self._running: object | None = None
+        self._running: IProcessTransport | None = None
 
-    def issue(self, config_path: str, state_dir: str, acme: AcmeSettings, domain: str, force: bool) -> defer.Deferred:
+    def issue(
+        self, config_path: str, state_dir: str, acme: AcmeSettings, domain: str, force: bool
+    ) -> defer.Deferred[CertbotOutcome]:
         """Run certbot; fires with a :class:`CertbotOutcome` (never fails)."""
         if certbot_busy(state_dir):  # an operator's certbot: do not even start
             return defer.succeed(CertbotOutcome(ok=False, error=BUSY, busy=True))
@@ -304,7 +330,7 @@ class CertbotIssuer:
         started = self._wall_clock()
         collector = _Collector()
         try:
-            process = self._reactor.spawnProcess(  # type: ignore[attr-defined]
+            process = self._reactor.spawnProcess(
                 collector,
                 command[0],
                 command,
@@ -316,7 +342,7 @@ class CertbotIssuer:
             return defer.succeed(CertbotOutcome(ok=False, error=f"cannot start certbot: {e}"))
         process.closeStdin()
         self._running = process
-        timer = self._reactor.callLater(RUN_TIMEOUT, _kill, process)  # type: ignore[attr-defined]
+        timer = self._reactor.callLater(RUN_TIMEOUT, _kill, process)
 
         def ended(result: tuple[int, str]) -> CertbotOutcome:
             self._running = None
@@ -334,8 +360,8 @@ class CertbotIssuer:
             _kill(self._running, "TERM")
 
 
-def _kill(process: object, signal: str = "KILL") -> None:
+def _kill(process: IProcessTransport, signal: str = "KILL") -> None:
     try:
-        process.signalProcess(signal)  # type: ignore[attr-defined]
+        process.signalProcess(signal)
     except error.ProcessExitedAlready:
         pass

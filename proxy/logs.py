@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -24,6 +25,10 @@ from twisted.logger import (
     globalLogBeginner,
 )
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    # What ILogFilterPredicate's __call__ returns (PredicateResult's constants are these).
+    from constantly import NamedConstant  # type: ignore[import-untyped]
 
 _SKIP = frozenset({"log_format", "log_logger", "log_source", "log_io", "log_text",
                    "log_time", "log_level", "log_namespace", "log_failure", "log_system",
@@ -62,7 +67,7 @@ class QuietLegacyInfo:
     "(UDP Port 4711 Closed)") that every DNS lookup and listener produces at info level;
     legacy warnings and errors still pass."""
 
-    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+    def __call__(self, event: dict[str, Any]) -> NamedConstant:
         if event.get("log_namespace") == "log_legacy" and event.get("log_level") in (LogLevel.info, LogLevel.debug):
             return PredicateResult.no
         return PredicateResult.maybe
@@ -81,14 +86,14 @@ class DescriptorShortage:
     #: No EMFILE for this long: the shortage is over.
     QUIET = 3.0
 
-    def __init__(self, clock: Any = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self.since: float | None = None
         self._last = 0.0
         self.closed = 0
         self._log = Logger(namespace="trackproxy.limits")
 
-    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+    def __call__(self, event: dict[str, Any]) -> NamedConstant:
         text = event.get("log_format") or ""
         if "EMFILE" not in text:
             return PredicateResult.maybe
@@ -139,7 +144,7 @@ def raise_open_files_limit() -> int:
 
 
 def start_logging(
-    stream: IO[str] | None = None, level: LogLevel = LogLevel.info, clock: Any = None
+    stream: IO[str] | None = None, level: LogLevel = LogLevel.info, clock: Callable[[], float] | None = None
 ) -> DescriptorShortage:
     """Send every event at ``level`` or above to ``stream`` (standard output); the
     shortage filter is returned for its :meth:`~DescriptorShortage.tick`."""

@@ -12,6 +12,7 @@ The registry is injected (a fresh ``CollectorRegistry()`` per test).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -21,6 +22,12 @@ from prometheus_client.registry import Collector
 from proxy.certs import STATUSES
 from proxy.config import KNOWN_METHODS
 from proxy.tls import HANDSHAKE_FAILURE_REASONS
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from proxy.cache import ResponseCache
+    from proxy.certs import CertificateView
 
 UNKNOWN_DOMAIN = "_unknown"
 _METHODS = {m.encode("ascii"): m for m in KNOWN_METHODS}
@@ -37,8 +44,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, serving: bool = True, management: bool = True) -> None:
         self.registry = registry
-        self._request_children: dict[tuple, tuple] = {}
-        self._upstream_children: dict[tuple, tuple] = {}
+        self._request_children: dict[tuple[str, bytes, bytes, int, str], tuple[Counter, Histogram]] = {}
+        self._upstream_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.open_connections = Gauge(
             "trackproxy_open_connections",
             "Connections open now, by listener (http, https, admin).",
@@ -139,9 +146,9 @@ class Metrics:
         if outcome == "ok":
             children[1].observe(seconds)
 
-    def cache_changed(self, cache: object) -> None:
-        self.cache_entries.set(len(cache))  # type: ignore[arg-type]
-        self.cache_bytes.set(cache.bytes)  # type: ignore[attr-defined]
+    def cache_changed(self, cache: ResponseCache) -> None:
+        self.cache_entries.set(len(cache))
+        self.cache_bytes.set(cache.bytes)
 
     def cache_evicted(self, count: int) -> None:
         self.cache_evictions.inc(count)
@@ -160,7 +167,7 @@ class Metrics:
         self.config_reloads.labels("success" if success else "failure").inc()
         self.config_last_reload_success.set(1 if success else 0)
 
-    def watch_certificates(self, views: Callable[[], Mapping[str, object]]) -> None:
+    def watch_certificates(self, views: Callable[[], Mapping[str, CertificateView]]) -> None:
         """Export each domain's certificate status and expiry, read at scrape time from
         ``views()`` (domain -> :class:`~proxy.certs.CertificateView`), so the series
         always match the configured domains, also after a reload removed one."""
@@ -175,10 +182,10 @@ class Metrics:
 class _CertificateCollector(Collector):
     """``trackproxy_certificate_status`` and ``..._expiry_timestamp_seconds``."""
 
-    def __init__(self, views: Callable[[], Mapping[str, object]]) -> None:
+    def __init__(self, views: Callable[[], Mapping[str, CertificateView]]) -> None:
         self._views = views
 
-    def describe(self) -> list:
+    def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -194,8 +201,8 @@ class _CertificateCollector(Collector):
         )
         for domain, view in sorted(self._views().items()):
             for name in STATUSES:
-                status.add_metric([domain, name], 1.0 if view.status == name else 0.0)  # type: ignore[attr-defined]
-            if view.not_after is not None:  # type: ignore[attr-defined]
-                expiry.add_metric([domain], view.not_after.timestamp())  # type: ignore[attr-defined]
+                status.add_metric([domain, name], 1.0 if view.status == name else 0.0)
+            if view.not_after is not None:
+                expiry.add_metric([domain], view.not_after.timestamp())
         yield status
         yield expiry

@@ -18,15 +18,30 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.interfaces import IReactorUDP, IResolver
+from twisted.internet.interfaces import IConnector, IDelayedCall, IListeningPort, IResolver
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DNSServerError
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from twisted.internet.protocol import ClientFactory, DatagramProtocol, P
+
+    #: What a lookup fires with: answers, authority and additional records. (IResolver
+    #: declares three RRHeaders; Twisted Names delivers three lists of them.)
+    _Answers: TypeAlias = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+
+    # Payloads as Twisted Names documents them (its classes default the attributes to None).
+    class _CNAMEPayload(Protocol):
+        name: dns.Name  # the alias's target
+
+    class _AddressPayload(Protocol):
+        address: bytes  # Record_A, Record_AAAA: packed, network order
 
 OK, UNRESOLVABLE, CAA_FORBIDS, INELIGIBLE = "ok", "unresolvable", "caa_forbids", "ineligible"
 #: RFC 8659 §4: Twisted Names has no record class for it, so it arrives as UnknownRecord.
@@ -161,7 +176,28 @@ def _is_ldh_label(label: str) -> bool:
     )
 
 
-def resolver_for(resolvers: Sequence[tuple[str, int]], reactor: IReactorUDP) -> IResolver:
+class NamesReactor(Protocol):
+    """What Twisted Names' client resolver uses of a reactor: ``IReactorUDP``,
+    ``IReactorTCP`` (truncated answers) and ``IReactorTime`` (timeouts)."""
+
+    def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str, maxPacketSize: int) -> IListeningPort:
+        ...
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory[P],
+        timeout: float = 30.0,
+        bindAddress: tuple[str, int] | None = None,
+    ) -> IConnector:
+        ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object) -> IDelayedCall:
+        ...
+
+
+def resolver_for(resolvers: Sequence[tuple[str, int]], reactor: NamesReactor) -> IResolver:
     """A resolver asking ``resolvers`` (``Config.resolvers``), or the system's if empty.
 
     ``reactor`` provides ``IReactorUDP``, ``IReactorTCP`` (truncated answers) and
@@ -172,8 +208,8 @@ def resolver_for(resolvers: Sequence[tuple[str, int]], reactor: IReactorUDP) -> 
     ``/etc/hosts`` is deliberately not consulted: the CA sees public DNS only.
     """
     if resolvers:
-        return client.Resolver(servers=list(resolvers), reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+        return client.Resolver(servers=list(resolvers), reactor=reactor)  # type: ignore[no-untyped-call]
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)  # type: ignore[no-untyped-call]
 
 
 class Preflight:
@@ -192,6 +228,7 @@ class Preflight:
         return ensureDeferred(self._check(name.lower().rstrip("."), server_url))
 
     async def _check(self, name: str, server_url: str) -> Verdict:
+        verdict: Verdict | None
         verdict = eligibility(name)
         if verdict.outcome == OK:
             verdict = await self._addresses(name) or await self._caa(name, server_url)
@@ -245,29 +282,32 @@ async def resolve(resolver: IResolver, name: str, timeout: float) -> Resolution:
     aliases: list[str] = []
     owner = name
     for _ in range(MAX_CNAME_HOPS):
+        # Twisted annotates timeouts as whole seconds; its resolver takes any number.
         results = await DeferredList(
-            [resolver.lookupAddress(owner, timeout=(timeout,)),
-             resolver.lookupIPV6Address(owner, timeout=(timeout,))],
+            [cast("Deferred[_Answers]", resolver.lookupAddress(owner, timeout=(timeout,))),  # type: ignore[arg-type]
+             cast("Deferred[_Answers]", resolver.lookupIPV6Address(owner, timeout=(timeout,)))],  # type: ignore[arg-type]
             consumeErrors=True,
         )
         answers: list[dns.RRHeader] = []
-        missing, failed = [], []
+        missing: list[Failure] = []
+        failed: list[Failure] = []
         for succeeded, result in results:
             if succeeded:
                 answers.extend(result[0])
-            elif result.check(DNSNameError):
-                missing.append(result)
-                answers.extend(_answers_of(result))
+            elif (failure := cast(Failure, result)).check(DNSNameError):  # type: ignore[no-untyped-call]
+                missing.append(failure)
+                answers.extend(_answers_of(failure))
             else:
-                failed.append(result)
-        chain = {rr.name.name.decode().lower(): rr.payload.name.name.decode().lower()
+                failed.append(failure)
+        chain = {rr.name.name.decode().lower(): cast("_CNAMEPayload", rr.payload).name.name.decode().lower()
                  for rr in answers if rr.type == dns.CNAME}
         followed = len(aliases)
         while owner in chain and chain[owner] != name and chain[owner] not in aliases:
             owner = chain[owner]
             aliases.append(owner)
         addresses = tuple(
-            socket.inet_ntop(socket.AF_INET if rr.type == dns.A else socket.AF_INET6, rr.payload.address)
+            socket.inet_ntop(socket.AF_INET if rr.type == dns.A else socket.AF_INET6,
+                             cast("_AddressPayload", rr.payload).address)
             for rr in answers if rr.type in (dns.A, dns.AAAA)
         )
         if addresses:
@@ -290,17 +330,19 @@ async def find_caa(resolver: IResolver, name: str, timeout: float) -> CAAFound:
     labels = name.split(".")
     for owner in (".".join(labels[i:]) for i in range(len(labels))):
         try:
-            answers, _, _ = await resolver.query(dns.Query(owner, CAA, dns.IN), timeout=(timeout,))
+            answers, _, _ = await cast(
+                "Deferred[_Answers]", resolver.query(dns.Query(owner, CAA, dns.IN), timeout=(timeout,))  # type: ignore[arg-type]
+            )
         except DNSNameError:
             continue
         except Exception as e:
-            return CAAFound(problem=describe_failure(Failure(e)))
+            return CAAFound(problem=describe_failure(Failure(e)))  # type: ignore[no-untyped-call]
         found = [rr for rr in answers if rr.type == CAA]
         if found:
             records = []
             for rr in found:
                 try:
-                    records.append(parse_caa(rr.payload.data))
+                    records.append(parse_caa(cast(dns.UnknownRecord, rr.payload).data))
                 except ValueError:
                     pass  # a malformed record forbids nothing (it is no answer)
             return CAAFound(found[0].name.name.decode("ascii", "replace").lower(), tuple(records))
@@ -309,14 +351,16 @@ async def find_caa(resolver: IResolver, name: str, timeout: float) -> CAAFound:
 
 def describe_failure(failure: Failure) -> str:
     """A failed lookup in a few words."""
-    if failure.check(DNSQueryTimeoutError):
+    if failure.check(DNSQueryTimeoutError):  # type: ignore[no-untyped-call]
         return "the resolvers did not answer in time"
-    if failure.check(DNSServerError):
+    if failure.check(DNSServerError):  # type: ignore[no-untyped-call]
         return "the resolver answered SERVFAIL"
-    return failure.getErrorMessage() or failure.type.__name__
+    # A Failure always has its exception's type and value (its constructor sets them).
+    return failure.getErrorMessage() or cast("type[BaseException]", failure.type).__name__
 
 
 def _answers_of(failure: Failure) -> list[dns.RRHeader]:
     """The answer section an NXDOMAIN response came with (a CNAME to a missing name)."""
-    message = failure.value.args[0] if failure.value.args else None
+    error = cast(BaseException, failure.value)
+    message = error.args[0] if error.args else None
     return list(message.answers) if isinstance(message, dns.Message) else []

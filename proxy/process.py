@@ -9,10 +9,13 @@ the defaults.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.reactor import SharedListenerReactor
 
 
-def prepare() -> Any:
+def prepare() -> SharedListenerReactor:
     """Install trackproxy's reactor and everything process-wide; the reactor.
 
     - the reactor (:mod:`proxy.reactor`), before anything imports Twisted's global one;
@@ -40,5 +43,5 @@ def prepare() -> Any:
     watch.clock = reactor
     watch.start(1.0, now=False)
     install_quiet_excepthook()
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     return reactor

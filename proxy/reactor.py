@@ -30,11 +30,16 @@ from __future__ import annotations
 import errno
 import select
 import socket
+from typing import TYPE_CHECKING
 
 from twisted.internet import epollreactor, tcp, unix
 from twisted.logger import Logger
 
 from proxy import twistedcompat
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import Binding, IListeningPort, IProtocolFactory, IReadDescriptor
+    from twisted.internet.protocol import ClientFactory, P
 
 log = Logger(namespace="trackproxy.reactor")
 
@@ -82,7 +87,7 @@ class EagerPort(tcp.Port):
 
     def doRead(self) -> None:
         twistedcompat.limit_accepts(self, ACCEPTS_PER_TURN)  # Twisted raises it after a full turn
-        super().doRead()
+        super().doRead()  # type: ignore[no-untyped-call]
 
 
 class EagerConnector(twistedcompat.Connector):
@@ -92,29 +97,29 @@ class EagerConnector(twistedcompat.Connector):
 class SharedListenerReactor(epollreactor.EPollReactor):
     """Twisted's epoll reactor with exclusive listening ports and direct dispatch."""
 
-    def addReader(self, reader: object) -> None:
-        fd = reader.fileno()  # type: ignore[attr-defined]
+    def addReader(self, reader: IReadDescriptor) -> None:
+        fd = reader.fileno()
         if (EPOLLEXCLUSIVE and isinstance(reader, (tcp.Port, unix.Port))
                 and not twistedcompat.is_registered(self, fd)):
             twistedcompat.register_reader(self, reader, fd, select.EPOLLIN | EPOLLEXCLUSIVE)
             return
-        super().addReader(reader)
+        super().addReader(reader)  # type: ignore[no-untyped-call]
 
-    def listenTCP(self, port: int, factory: object, backlog: int = 50, interface: str = "") -> EagerPort:
+    def listenTCP(self, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = "") -> EagerPort:
         listening = EagerPort(port, factory, backlog, interface, self)
         listening.startListening()
         return listening
 
-    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: object) -> object:
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: IProtocolFactory) -> IListeningPort:
         if addressFamily in (socket.AF_INET, socket.AF_INET6):
             listening = twistedcompat.adopt_listening_descriptor(EagerPort, self, fileDescriptor, addressFamily,
                                                                  factory)
             listening.startListening()
             return listening
-        return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
+        return super().adoptStreamPort(fileDescriptor, addressFamily, factory)  # type: ignore[no-untyped-call, no-any-return]
 
-    def connectTCP(self, host: str, port: int, factory: object, timeout: float = 30.0,
-                   bindAddress: object = None) -> EagerConnector:
+    def connectTCP(self, host: str, port: int, factory: ClientFactory[P], timeout: float = 30.0,
+                   bindAddress: Binding | tuple[str, int] | None = None) -> EagerConnector:
         connector = EagerConnector(host, port, factory, timeout, bindAddress, self)
         connector.connect()
         return connector
@@ -144,6 +149,6 @@ def install() -> SharedListenerReactor:
     """Make it the global reactor (before anything imports ``twisted.internet.reactor``)."""
     from twisted.internet.main import installReactor
 
-    reactor = SharedListenerReactor()
-    installReactor(reactor)
+    reactor = SharedListenerReactor()  # type: ignore[no-untyped-call]
+    installReactor(reactor)  # type: ignore[no-untyped-call]
     return reactor

@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from proxy.certs import AcmeRecord, AcmeRecords, CertificateState, is_due, iso
-from proxy.config import Config
+from proxy.config import AcmeSettings, Config
+
+if TYPE_CHECKING:
+    from proxy.issuer import CertbotOutcome
+    from proxy.preflight import Preflight
 
 log = Logger(namespace="trackproxy.renewal")
 
@@ -37,7 +43,17 @@ BUSY_RETRY = 60.0
 
 def backoff(failures: int) -> float:
     """Seconds to wait after the ``failures``-th consecutive failure."""
-    return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, failures - 1))
+    return min(BACKOFF_MAX, BACKOFF_BASE * cast(int, 2 ** max(0, failures - 1)))
+
+
+class Issuer(Protocol):
+    """What runs certbot for a domain (``issuer.CertbotIssuer``); ``stop()``, if it has
+    one, ends a run under way."""
+
+    def issue(
+        self, config_path: str, state_dir: str, acme: AcmeSettings, domain: str, force: bool
+    ) -> defer.Deferred[CertbotOutcome]:
+        ...
 
 
 class RenewalManager:
@@ -56,7 +72,7 @@ class RenewalManager:
         self,
         now: Callable[[], datetime.datetime],
         records: AcmeRecords,
-        issuer: object,
+        issuer: Issuer,
         on_issued: Callable[[], None],
         count: Callable[[str, str], None],
     ) -> None:
@@ -67,7 +83,7 @@ class RenewalManager:
         self._count = count
         self._config: Config | None = None
         self._states: Mapping[str, CertificateState] = {}
-        self._preflight: object | None = None
+        self._preflight: Preflight | None = None
         self.running: str | None = None
         self._stopped = False
 
@@ -77,7 +93,7 @@ class RenewalManager:
         return sorted(d.name for d in self._config.domains.values() if d.certificate.kind == "acme")
 
     def update(
-        self, config: Config, states: Mapping[str, CertificateState], preflight: object | None
+        self, config: Config, states: Mapping[str, CertificateState], preflight: Preflight | None
     ) -> None:
         """Take the current config and certificate states, then start what is due."""
         self._config = config
@@ -128,11 +144,11 @@ class RenewalManager:
                 return domain
         return None
 
-    def _crashed(self, failure: object, domain: str) -> None:
+    def _crashed(self, failure: Failure, domain: str) -> None:
         """A bug, not the CA: logged with its traceback, and backed off like a failure
         so that it cannot turn into a loop of certbot runs."""
         log.failure("certificate attempt for {domain} crashed", failure, domain=domain)
-        self._failed(domain, f"internal error: {failure.getErrorMessage()}")  # type: ignore[attr-defined]
+        self._failed(domain, f"internal error: {failure.getErrorMessage()}")
 
     def _finished(self, _: object) -> None:
         self.running = None
@@ -142,7 +158,7 @@ class RenewalManager:
         config = self._config
         assert config is not None
         if self._preflight is not None:
-            verdict = await self._preflight.check(domain, config.acme.server)  # type: ignore[attr-defined]
+            verdict = await self._preflight.check(domain, config.acme.server)
             if verdict.outcome in ("caa_forbids", "ineligible"):
                 self._failed(domain, verdict.detail, unavailable=True)
                 return
@@ -157,7 +173,7 @@ class RenewalManager:
             domain=domain,
             server=config.acme.server,
         )
-        outcome = await self._issuer.issue(  # type: ignore[attr-defined]
+        outcome = await self._issuer.issue(
             config.path, config.state_dir, config.acme, domain, renewing
         )
         if self._stopped:

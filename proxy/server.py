@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httptools
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
@@ -41,6 +42,10 @@ from zope.interface import implementer
 
 from proxy import http11
 from proxy.tls import normalise_server_name
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, ITransport
+    from twisted.python.failure import Failure
 
 log = Logger(namespace="trackproxy.server")
 
@@ -154,7 +159,7 @@ class HTTPServerProtocol(Protocol):
 
     def __init__(self, factory: HTTPFactory) -> None:
         self.factory = factory
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | _NoParser = httptools.HttpRequestParser(self)
         self._parsing: IncomingRequest | None = None
         self._queue: deque[IncomingRequest] = deque()
         self.current: IncomingRequest | None = None
@@ -183,7 +188,7 @@ class HTTPServerProtocol(Protocol):
         self._peer = client_ip(getattr(peer, "host", "") or "")
         self._start_timer()
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.open_connections -= 1
         self.factory.protocols.discard(self)
         self.factory.idle.pop(self, None)
@@ -228,7 +233,7 @@ class HTTPServerProtocol(Protocol):
             # Upgrade or CONNECT: the request itself is complete and gets its answer;
             # nothing after it is HTTP/1.1, so the connection ends there.
             self._close_after_current = True
-            self._parser = _NoParser()  # type: ignore[assignment]
+            self._parser = _NoParser()
         except httptools.HttpParserCallbackError:
             self._refuse(self._refused or BAD_REQUEST)
         except httptools.HttpParserError:
@@ -252,31 +257,31 @@ class HTTPServerProtocol(Protocol):
         self._body_size = 0
 
     def on_url(self, url: bytes) -> None:
-        request = self._parsing
-        request.target += url  # type: ignore[union-attr]
-        request.head_size += len(url)  # type: ignore[union-attr]
+        request: IncomingRequest = self._parsing  # type: ignore[assignment]  # set by on_message_begin
+        request.target += url
+        request.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        request = self._parsing
-        request.headers.append((name, value))  # type: ignore[union-attr]
-        request.head_size += len(name) + len(value) + 4  # type: ignore[union-attr]
+        request: IncomingRequest = self._parsing  # type: ignore[assignment]  # (cast() costs a call)
+        request.headers.append((name, value))
+        request.head_size += len(name) + len(value) + 4
         lower = name.lower()
         if lower == _HOST:
-            request.hosts.append(value)  # type: ignore[union-attr]
+            request.hosts.append(value)
         elif lower == _CONNECTION:
-            request.connection.append(value)  # type: ignore[union-attr]
+            request.connection.append(value)
         elif lower == _FORWARDED_FOR:
-            request.forwarded_for.append(value)  # type: ignore[union-attr]
+            request.forwarded_for.append(value)
         elif lower == _CONTENT_LENGTH and len(value) > 6 and value.isdigit() and int(value) > MAX_REQUEST_BODY:
             # llhttp has checked it is one number; past the bound there is nothing to wait for.
             self._refused = TOO_LARGE_BODY
             raise _Stop()
 
     def on_headers_complete(self) -> None:
-        request = self._parsing
+        request: IncomingRequest = self._parsing  # type: ignore[assignment]  # (cast() costs a call)
         self._in_head = False
         self._head_bytes = 0
-        if request.head_size > self.factory.max_header_bytes:  # type: ignore[union-attr]
+        if request.head_size > self.factory.max_header_bytes:
             self._refused = TOO_LARGE_HEAD
             raise _Stop()
 
@@ -288,19 +293,19 @@ class HTTPServerProtocol(Protocol):
         self._body_parts.append(body)
 
     def on_message_complete(self) -> None:
-        request = self._parsing
+        request: IncomingRequest = self._parsing  # type: ignore[assignment]  # (cast() costs a call)
         self._parsing = None
         self._head_bytes = 0
-        parser = self._parser
-        request.method = parser.get_method()  # type: ignore[union-attr]
-        request.version = parser.get_http_version()  # type: ignore[union-attr]
-        request.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        parser: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]  # only the real one calls back
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
         if self._body_parts:
-            request.body = b"".join(self._body_parts)  # type: ignore[union-attr]
+            request.body = b"".join(self._body_parts)
             self._body_parts = []
-        request.started = self.factory.clock.seconds()  # type: ignore[union-attr]
+        request.started = self.factory.clock.seconds()
         self._cancel_timer()
-        self._queue.append(request)  # type: ignore[arg-type]
+        self._queue.append(request)
         if len(self._queue) > MAX_PIPELINED and not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
@@ -373,7 +378,7 @@ class HTTPServerProtocol(Protocol):
         """
         if self._closing:
             return
-        self._parser = _NoParser()  # type: ignore[assignment]
+        self._parser = _NoParser()
         self._parsing = None
         self._in_head = False
         if self.current is None and not self._queue:
@@ -402,7 +407,7 @@ class HTTPServerProtocol(Protocol):
         whole is answered, then the connection ends."""
         if self._closing:
             return
-        self._parser = _NoParser()  # type: ignore[assignment]
+        self._parser = _NoParser()
         self._parsing = None
         if self.current is None and not self._queue:
             self._close()
@@ -447,8 +452,8 @@ class _NoParser:
         pass
 
 
-def _server_name_of(transport: object) -> str | None:
-    known = getattr(transport, "server_name", None)
+def _server_name_of(transport: ITransport | None) -> str | None:
+    known: str | None = getattr(transport, "server_name", None)
     if known is not None:
         return known  # what the server-name callback served the handshake for
     handle = getattr(transport, "getHandle", None)
@@ -521,7 +526,7 @@ class HTTPFactory(Factory):
             return self.open_connections >= self.limit + len(self.protocols) // 100 + 16
         return True
 
-    def buildProtocol(self, addr: object) -> HTTPServerProtocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> HTTPServerProtocol | None:
         if self.at_limit():
             return None
         return HTTPServerProtocol(self)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Mapping
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import attrs
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -39,13 +39,31 @@ from proxy import statedir
 from proxy.access import load_or_create_key
 from proxy.admin import AdminSite
 from proxy.certs import AcmeRecords, CertificateState, CertificateView, describe, iso
-from proxy.config import Config, ConfigErrors, load_config, parse_config
+from proxy.config import Config, load_config, parse_config
 from proxy.frontend import MAX_CONNECTIONS_PER_LISTENER, Frontend, Runtime, build_runtime
 from proxy.health import health_document
 from proxy.metrics import Metrics
 from proxy.preflight import Preflight, resolver_for
 from proxy.renewal import RenewalManager
 from proxy.systemd import Notifier
+from proxy.yamlnodes import ConfigErrors
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (
+        IAddress,
+        IListeningPort,
+        IProtocolFactory,
+        IReactorTime,
+        IStreamServerEndpoint,
+    )
+    from twisted.protocols.policies import ProtocolWrapper
+    from twisted.python.failure import Failure
+
+    from proxy.cache import ResponseCache
+    from proxy.preflight import NamesReactor
+    from proxy.renewal import Issuer
+    from proxy.server import HTTPFactory
+    from proxy.tls import ServerTLS
 
 __all__ = ["MAX_CONNECTIONS_PER_LISTENER", "ProxyService", "Runtime", "build_runtime"]
 
@@ -62,15 +80,16 @@ class ConnectionLimit(WrappingFactory):
 
     noisy = False
 
-    def __init__(self, wrapped: object, limit: int = MAX_CONNECTIONS_PER_LISTENER) -> None:
-        super().__init__(wrapped)
+    def __init__(self, wrapped: IProtocolFactory, limit: int = MAX_CONNECTIONS_PER_LISTENER) -> None:
+        super().__init__(wrapped)  # type: ignore[no-untyped-call]
         self.limit = limit
 
     @property
     def open_connections(self) -> int:
         return len(self.protocols)
 
-    def buildProtocol(self, addr: object) -> object:
+    # WrappingFactory says it always builds one; IProtocolFactory lets it refuse (None).
+    def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper | None:  # type: ignore[override]
         if len(self.protocols) >= self.limit:
             return None
         return super().buildProtocol(addr)
@@ -103,12 +122,12 @@ class Management:
 
     def __init__(
         self,
-        reactor: object,
+        reactor: IReactorTime,
         config: Config,
         now: Callable[[], datetime.datetime],
         notifier: Notifier | None,
         metrics: Metrics,
-        issuer: object,
+        issuer: Issuer,
     ) -> None:
         self._reactor = reactor
         self._now = now
@@ -118,7 +137,7 @@ class Management:
         self.ready = False
         self.loaded_at = now()
         self.last_reload_success = True
-        self.ports: dict[str, list[object]] = {"http": [], "https": [], "admin": []}
+        self.ports: dict[str, list[IListeningPort]] = {"http": [], "https": [], "admin": []}
         self._loops: list[LoopingCall] = []
         statedir.prepare(config.state_dir)
         self.access_key = load_or_create_key(config.state_dir)
@@ -144,19 +163,19 @@ class Management:
     def certificate_states(self) -> Mapping[str, CertificateState]:
         raise NotImplementedError
 
-    def check_certificates(self, reread: bool = False) -> object:
+    def check_certificates(self, reread: bool = False) -> None:
         """Re-read certificate files that changed (all if ``reread``) where they serve,
         then let ACME domains that need it have a certbot run."""
         raise NotImplementedError
 
-    def exposition(self, accept: str | None) -> object:
+    def exposition(self, accept: str | None) -> tuple[bytes, str] | defer.Deferred[tuple[bytes, str]]:
         """``/metrics``: (body, content type), or a Deferred of it."""
         return self.metrics.exposition(accept)
 
-    def status(self) -> object:
+    def status(self) -> dict[str, Any] | defer.Deferred[dict[str, Any]]:
         raise NotImplementedError
 
-    def reload(self) -> object:
+    def reload(self) -> tuple[bool, dict[str, Any]] | defer.Deferred[tuple[bool, dict[str, Any]]]:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ certificates
@@ -166,7 +185,8 @@ class Management:
         resolv.conf on its own schedule, so one is made, not one per reload)."""
         if previous is not None and previous.resolvers == config.resolvers:
             return self._preflight
-        return Preflight(resolver_for(config.resolvers, self._reactor))
+        # The reactor is Twisted's: it provides IReactorUDP and IReactorTCP as well as IReactorTime.
+        return Preflight(resolver_for(config.resolvers, cast("NamesReactor", self._reactor)))
 
     def _update_renewals(self) -> None:
         self.renewals.update(self.config, self.certificate_states(), self._preflight)
@@ -186,7 +206,9 @@ class Management:
             views[name] = view
         return views
 
-    def status_document(self, cache_counts: Mapping[str, int], health: Mapping[str, dict]) -> dict:
+    def status_document(
+        self, cache_counts: Mapping[str, int], health: Mapping[str, dict[str, Any]]
+    ) -> dict[str, Any]:
         """The ``GET /status`` document (README "Commands", ``trackproxy status``), from the serving side's counts:
         cache entries per domain, and ``health.health_document`` per domain."""
         config = self.config
@@ -261,7 +283,7 @@ class Management:
             log.warn("{warning}", warning=str(warning))
         log.info("configuration reloaded: {count} domains", count=len(config.domains), config=config.path)
 
-    def _reload_summary(self) -> dict:
+    def _reload_summary(self) -> dict[str, Any]:
         config = self.config
         return {
             "result": "success",
@@ -270,7 +292,7 @@ class Management:
             "certificates": {name: view.status for name, view in self.certificate_views().items()},
         }
 
-    def _reload_refused(self, errors: list[str]) -> tuple[bool, dict]:
+    def _reload_refused(self, errors: list[str]) -> tuple[bool, dict[str, Any]]:
         self.last_reload_success = False
         self.metrics.count_reload(False)
         for error in errors:
@@ -279,28 +301,31 @@ class Management:
 
     # ------------------------------------------------------------------ listening
 
-    def _listen(self, role: str, descriptions: tuple[str, ...], factory: object) -> list[defer.Deferred]:
+    def _listen(
+        self, role: str, descriptions: tuple[str, ...], factory: IProtocolFactory
+    ) -> list[defer.Deferred[None]]:
         listening = []
         for description in descriptions:
-            d = defer.maybeDeferred(serverFromString(self._reactor, description).listen, factory)
+            endpoint: IStreamServerEndpoint = serverFromString(self._reactor, description)  # type: ignore[no-untyped-call]
+            d = defer.maybeDeferred(endpoint.listen, factory)
             d.addCallback(self._listening, role, description)
             d.addErrback(self._listen_failed, role, description)
-            listening.append(d)
+            listening.append(cast("defer.Deferred[None]", d))  # _listening's result, now that it is chained
         return listening
 
-    def _listen_admin(self) -> list[defer.Deferred]:
+    def _listen_admin(self) -> list[defer.Deferred[None]]:
         admin = ConnectionLimit(self.admin_site, limit=ADMIN_CONNECTIONS)
         self.metrics.watch_connections("admin", lambda: admin.open_connections)
         return self._listen("admin", self.config.listen.admin, admin)
 
-    def _listening(self, port: object, role: str, description: str) -> None:
+    def _listening(self, port: IListeningPort, role: str, description: str) -> None:
         self.ports[role].append(port)
-        address = port.getHost()  # type: ignore[attr-defined]
+        address = port.getHost()
         log.info("listening for {role} on {address}", role=role, endpoint=description,
                  address=f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}")
 
-    def _listen_failed(self, failure: object, role: str, description: str) -> object:
-        raise ListenError(role, description, failure.getErrorMessage())  # type: ignore[attr-defined]
+    def _listen_failed(self, failure: Failure, role: str, description: str) -> object:
+        raise ListenError(role, description, failure.getErrorMessage())
 
     def _every(self, seconds: float, function: Callable[[], object], now: bool = True) -> None:
         loop = LoopingCall(function)
@@ -320,14 +345,16 @@ class Management:
     def _watchdog(self) -> None:
         self.notifier.watchdog()
 
-    def _stop_management(self) -> list[defer.Deferred]:
+    def _stop_management(self) -> list[defer.Deferred[None]]:
         self.ready = False
         self.notifier.stopping()
         self.renewals.stop()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        return [defer.maybeDeferred(p.stopListening) for ps in self.ports.values() for p in ps]
+        # maybeDeferred flattens the Deferred stopListening may return (its overloads cannot say so).
+        return [cast("defer.Deferred[None]", defer.maybeDeferred(p.stopListening))
+                for ps in self.ports.values() for p in ps]
 
 
 class ProxyService(Management):
@@ -345,10 +372,10 @@ class ProxyService(Management):
 
     def __init__(
         self,
-        reactor: object,
+        reactor: IReactorTime,
         config: Config,
         *,
-        issuer: object,
+        issuer: Issuer,
         out: IO[str],
         now: Callable[[], datetime.datetime] = utc_now,
         notifier: Notifier | None = None,
@@ -363,19 +390,19 @@ class ProxyService(Management):
         return self.frontend.runtime
 
     @property
-    def cache(self) -> object:
+    def cache(self) -> ResponseCache:
         return self.frontend.cache
 
     @property
-    def server_tls(self) -> object:
+    def server_tls(self) -> ServerTLS:
         return self.frontend.server_tls
 
     @property
-    def http_factory(self) -> object:
+    def http_factory(self) -> HTTPFactory:
         return self.frontend.http_factory
 
     @property
-    def https_factory(self) -> object:
+    def https_factory(self) -> HTTPFactory:
         return self.frontend.https_factory
 
     def certificate_states(self) -> Mapping[str, CertificateState]:
@@ -385,7 +412,7 @@ class ProxyService(Management):
         self.frontend.load_certificates(self.config, reread)
         self._update_renewals()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """The ``GET /status`` document (README "Commands", ``trackproxy status``)."""
         counts, health = self.frontend.status()
         return self.status_document(
@@ -393,7 +420,7 @@ class ProxyService(Management):
                      for d, h in health.items()},
         )
 
-    def reload(self) -> tuple[bool, dict]:
+    def reload(self) -> tuple[bool, dict[str, Any]]:
         """Re-read the YAML and the certificates; swap them in only if all is well.
 
         Returns:
@@ -416,7 +443,7 @@ class ProxyService(Management):
         finally:
             self.notifier.ready(self._summary())
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[None]:
         """Listen on every configured endpoint; fires when all are up, fails on the first
         that cannot be bound."""
         config = self.config
@@ -430,19 +457,20 @@ class ProxyService(Management):
         done = defer.gatherResults(listening, consumeErrors=True)
         done.addCallback(self._started)
         done.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
-        return done
+        return cast("defer.Deferred[None]", done)  # _started's result, now that it is chained
 
     def _started(self, _: object) -> None:
         self.frontend.start()
         self._start_management()
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[list[object]]:
         """Stop listening, let answers under way go out (bounded by the upstream
         timeout), close idle upstream connections."""
         closing = self._stop_management()
         drained = self.frontend.drain(self.config.limits.upstream_timeout + 1)
         drained.addCallback(lambda _: self.frontend.stop())
-        return defer.gatherResults([*closing, drained], consumeErrors=True)
+        # drained now fires with frontend.stop()'s result, not drain()'s None.
+        return cast("defer.Deferred[list[object]]", defer.gatherResults([*closing, drained], consumeErrors=True))
 
     def flush_logs(self) -> None:
         """Write the access lines held for the next batch."""

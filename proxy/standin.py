@@ -32,7 +32,8 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Callable
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any, cast
+from typing import Protocol as TypingProtocol
 
 import attrs
 import httptools
@@ -45,6 +46,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from proxy import http11, pki
 from proxy.statedir import write_atomically
 from proxy.tls import ServerTLS, context_for_files, normalise_server_name
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IProtocolFactory, IReactorTime
+    from twisted.python.failure import Failure
 
 DEFAULT_NAME = "spgo.io"
 DEFAULT_PORT = 9443
@@ -191,7 +196,7 @@ class StandInProtocol(Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._unanswered_bytes = 0  # received since the last complete request
-        self._timer = None
+        self._timer: IDelayedCall | None = None
         self._closed = False
 
     # httptools callbacks
@@ -270,7 +275,7 @@ class StandInProtocol(Protocol):
         get = getattr(handle, "get_servername", None)
         return normalise_server_name(get()) if get is not None else None
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -292,12 +297,12 @@ class StandIn(Factory):
         self.clock = clock
         self.delay = delay
         self._out = out
-        self.date: Callable[[], bytes] = http11.DateCache(clock.seconds)  # type: ignore[attr-defined]
+        self.date: Callable[[], bytes] = http11.DateCache(clock.seconds)
 
     connections = 0
     requests = 0
 
-    def buildProtocol(self, addr: object) -> StandInProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> StandInProtocol:
         self.connections += 1
         return StandInProtocol(self)
 
@@ -324,8 +329,28 @@ def tls_factory(stand_in: StandIn, name: str, files: StandInFiles) -> TLSMemoryB
     return factory
 
 
+class StandInReactor(TypingProtocol):
+    """What :func:`run` needs of its reactor: ``IReactorTime``, ``IReactorTCP``'s
+    ``listenTCP``, ``IReactorThreads``' ``callFromThread`` and ``IReactorCore``'s ``run``."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+
+    # IReactorTCP says ServerFactory; reactors take any IProtocolFactory (tls_factory's is a WrappingFactory).
+    def listenTCP(
+        self, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = ""
+    ) -> IListeningPort: ...
+
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None: ...
+
+    def run(self) -> None: ...
+
+
 def run(
-    reactor: object,
+    reactor: StandInReactor,
     name: str,
     port: int,
     delay: float,
@@ -337,22 +362,22 @@ def run(
     from twisted.internet.error import CannotListenError
 
     files = ensure_certificates(directory, name)
-    stand_in = StandIn(reactor, delay, None if quiet else out)  # type: ignore[arg-type]
+    stand_in = StandIn(cast("IReactorTime", reactor), delay, None if quiet else out)
     try:
-        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+        listening = reactor.listenTCP(
             port, tls_factory(stand_in, name, files), interface="127.0.0.1"
         )
     except CannotListenError as e:
         print(f"trackproxy: the stand-in cannot listen on 127.0.0.1:{port}: {e.socketError}; "
               f"choose another port with --port", file=sys.stderr)
         return 1
-    bound = listening.getHost().port
+    bound = listening.getHost().port  # type: ignore[attr-defined]  # a TCP port's: an IPv4Address
 
     def print_counts() -> None:
         print(stand_in.counts(), file=out, flush=True)
 
     # A signal handler may run between any two bytecodes: print on the reactor's next turn.
-    signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(print_counts))  # type: ignore[attr-defined]
+    signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(print_counts))
     held = f", every answer held {delay:g}s" if delay else ""
     print(
         f"stand-in platform {name} listening on https://127.0.0.1:{bound} (SNI {name} only{held})\n"
@@ -360,5 +385,5 @@ def run(
         f"  /f/... -> 302 Server: msys-http; /q/... -> open pixel; SIGUSR1 prints counts; Ctrl-C stops",
         file=out, flush=True,
     )
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0

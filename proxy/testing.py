@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
@@ -33,6 +33,11 @@ from twisted.test import iosim
 
 from proxy import pki
 from proxy.upstream import UpstreamResponse
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IProtocol, IReactorTime
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 # ---------------------------------------------------------------------------
 # Certificates
@@ -75,12 +80,15 @@ class LocalCA:
         key_path.chmod(0o600)
         return cert_path, key_path
 
-    def server_options(self, host: str) -> Any:
+    def server_options(self, host: str) -> CertificateOptions:
         """Twisted TLS server options serving a certificate for ``host``."""
         from twisted.internet.ssl import PrivateCertificate
 
         cert_path, key_path = self.issue(host)
-        return PrivateCertificate.loadPEM(cert_path.read_text() + key_path.read_text()).options()
+        options: CertificateOptions = PrivateCertificate.loadPEM(  # type: ignore[no-untyped-call]
+            cert_path.read_text() + key_path.read_text()
+        ).options()
+        return options
 
 
 # ---------------------------------------------------------------------------
@@ -140,7 +148,7 @@ class MemoryUpstream:
     """
 
     def __init__(self, reactor: MemoryReactorClock | None = None) -> None:
-        self.reactor = reactor or MemoryReactorClock()
+        self.reactor = reactor or MemoryReactorClock()  # type: ignore[no-untyped-call]
         self.transports: list[StringTransport] = []
 
     @property
@@ -153,16 +161,17 @@ class MemoryUpstream:
         host, port, _, timeout, _ = self.reactor.tcpClients[index]
         return host, port, timeout
 
-    def protocol(self, index: int = -1) -> Any:
+    def protocol(self, index: int = -1) -> IProtocol:
         """The client's protocol for attempt ``index`` (TLS, for an https upstream)."""
         host, port, factory, _, _ = self.reactor.tcpClients[index]
-        return factory.buildProtocol(IPv4Address("TCP", host, port))
+        # An UpstreamClient's factories never refuse a connection (None).
+        return cast("IProtocol", factory.buildProtocol(IPv4Address("TCP", host, port)))
 
-    def accept(self, index: int = -1) -> tuple[Any, StringTransport]:
+    def accept(self, index: int = -1) -> tuple[IProtocol, StringTransport]:
         """Complete attempt ``index`` over a ``StringTransport`` (plain HTTP): the client's
         protocol and the transport whose ``value()`` is what it sent."""
         protocol = self.protocol(index)
-        transport = StringTransport()
+        transport = StringTransport()  # type: ignore[no-untyped-call]
         protocol.makeConnection(transport)
         self.transports.append(transport)
         return protocol, transport
@@ -170,14 +179,19 @@ class MemoryUpstream:
     def refuse(self, index: int = -1, reason: Exception | None = None) -> None:
         """Fail attempt ``index`` (connection refused, unless ``reason`` says otherwise)."""
         _, _, factory, _, _ = self.reactor.tcpClients[index]
-        factory.clientConnectionFailed(None, Failure(reason or error.ConnectionRefusedError()))
+        # No connector is passed: an UpstreamClient's factories do not use it.
+        factory.clientConnectionFailed(
+            None,  # type: ignore[arg-type]
+            Failure(reason or error.ConnectionRefusedError()),  # type: ignore[no-untyped-call]
+        )
 
 
 # ---------------------------------------------------------------------------
 # Two protocols joined in memory
 
 
-def connect_in_memory(server: Any, client: Any, clock: Any, peer: tuple[str, int] = ("192.0.2.7", 40000),
+def connect_in_memory(server: IProtocol, client: IProtocol, clock: IReactorTime,
+                      peer: tuple[str, int] = ("192.0.2.7", 40000),
                       host: tuple[str, int] = ("198.51.100.1", 443)) -> iosim.IOPump:
     """Join a server and a client protocol (TLS layers included) through memory.
 
@@ -186,9 +200,15 @@ def connect_in_memory(server: Any, client: Any, clock: Any, peer: tuple[str, int
     what ``clock`` (the reactor the TLS layers were given) has due now, as a reactor
     turn would (Twisted's client TLS sends small writes at the next turn).
     """
-    server_transport = iosim.FakeTransport(server, True, IPv4Address("TCP", *host), IPv4Address("TCP", *peer))
-    client_transport = iosim.FakeTransport(client, False, IPv4Address("TCP", *peer), IPv4Address("TCP", *host))
-    return iosim.connect(server, server_transport, client, client_transport, greet=False, clock=clock)
+    server_transport = iosim.FakeTransport(  # type: ignore[no-untyped-call]
+        server, True, IPv4Address("TCP", *host), IPv4Address("TCP", *peer)
+    )
+    client_transport = iosim.FakeTransport(  # type: ignore[no-untyped-call]
+        client, False, IPv4Address("TCP", *peer), IPv4Address("TCP", *host)
+    )
+    return iosim.connect(  # type: ignore[no-untyped-call, no-any-return]
+        server, server_transport, client, client_transport, greet=False, clock=clock
+    )
 
 
 class RecordingProtocol(Protocol):
@@ -210,11 +230,11 @@ class RecordingProtocol(Protocol):
         if self._on_data is not None:
             self._on_data(self)
 
-    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # type: ignore[no-untyped-call]  # noqa: B008
         self.lost = reason
 
 
-def tls_client(server_name: str, ca: LocalCA, protocol: Protocol, clock: Any) -> Any:
+def tls_client(server_name: str, ca: LocalCA, protocol: Protocol, clock: IReactorTime) -> TLSMemoryBIOProtocol:
     """A client TLS protocol that asks for ``server_name`` (SNI), trusts only ``ca``
     and checks the certificate's name, wrapping ``protocol``; ``clock`` schedules its
     writes (pass the same one to :func:`connect_in_memory`)."""

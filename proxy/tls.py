@@ -37,8 +37,9 @@ from __future__ import annotations
 import os
 import sys
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -49,6 +50,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy.twistedcompat import LeanTLSProtocol, represents_eof
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+    from twisted.internet.interfaces import IAddress, IOpenSSLClientConnectionCreator, IProtocolFactory
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 #: How long one set of session-ticket keys (and the session cache) is used.
 SESSION_KEY_LIFETIME = 12 * 3600.0
@@ -165,7 +171,7 @@ class ServerTLS:
     def names(self) -> frozenset[str]:
         return frozenset(self._contexts)
 
-    def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._default, None)
         # The server-name callback only sees the connection; this is how it finds the
         # protocol to say why it refused.
@@ -235,7 +241,8 @@ class CountingTLSFactory(TLSMemoryBIOFactory):
     protocol = CountingTLSProtocol
     noisy = False
 
-    def __init__(self, creator: ServerTLS, wrapped: object, on_handshake_failure: object) -> None:
+    def __init__(self, creator: ServerTLS, wrapped: IProtocolFactory,
+                 on_handshake_failure: Callable[[str], None]) -> None:
         super().__init__(creator, False, wrapped)
         self.on_handshake_failure = on_handshake_failure
 
@@ -243,12 +250,12 @@ class CountingTLSFactory(TLSMemoryBIOFactory):
     def open_connections(self) -> int:
         return len(self.protocols)
 
-    def buildProtocol(self, addr: object) -> object:
+    def buildProtocol(self, addr: IAddress | None) -> TLSMemoryBIOProtocol | None:  # type: ignore[override]
         # WrappingFactory's, but the wrapped factory may refuse (its connection cap).
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             return None
-        return self.protocol(self, inner)
+        return self.protocol(self, inner)  # type: ignore[no-untyped-call]
 
 
 class CertificateLoadError(Exception):
@@ -280,7 +287,7 @@ class CertifiedKey:
 
     __slots__ = ("chain", "key", "not_after", "digest", "_context", "_paths")
 
-    def __init__(self, chain: list[x509.Certificate], key: object, paths: tuple[str, str]) -> None:
+    def __init__(self, chain: list[x509.Certificate], key: PrivateKeyTypes, paths: tuple[str, str]) -> None:
         self.chain = chain
         self.key = key
         self.not_after = chain[0].not_valid_after_utc
@@ -322,7 +329,7 @@ def server_context() -> SSL.Context:
     return ctx
 
 
-def _context_for(chain: list[x509.Certificate], key: object) -> SSL.Context:
+def _context_for(chain: list[x509.Certificate], key: PrivateKeyTypes) -> SSL.Context:
     ctx = server_context()
     ctx.use_certificate(chain[0])
     for extra in chain[1:]:
@@ -439,16 +446,16 @@ def _ssl_reason(error: SSL.Error) -> str:
         return str(error)
 
 
-def upstream_tls_options(host: str, ca_file: str | None) -> object:
+def upstream_tls_options(host: str, ca_file: str | None) -> IOpenSSLClientConnectionCreator:
     """Client TLS options for an upstream: SNI and verification both use ``host``.
 
     Built once per upstream at start-up or reload (it costs about 0.1 ms).
     """
     if ca_file is None:
-        trust = tssl.platformTrust()
+        trust = tssl.platformTrust()  # type: ignore[no-untyped-call]
     else:
         # Certificate.loadPEM keeps only the first certificate of a bundle.
-        trust = tssl.trustRootFromCertificates(
-            [tssl.Certificate(crypto.X509.from_cryptography(c)) for c in load_pem_chain(ca_file)]
+        trust = tssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+            [tssl.Certificate(crypto.X509.from_cryptography(c)) for c in load_pem_chain(ca_file)]  # type: ignore[no-untyped-call]
         )
     return tssl.optionsForClientTLS(host, trustRoot=trust)

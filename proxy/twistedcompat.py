@@ -14,7 +14,7 @@ Twisted (setup.cfg bounds the version; constraints.txt pins the one CI tested).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
 from twisted.internet import tcp
@@ -23,6 +23,11 @@ from twisted.protocols import tls
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+if TYPE_CHECKING:
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.interfaces import IProtocolFactory, IReadDescriptor, ITransport, IWriteDescriptor
+    from twisted.internet.posixbase import PosixReactorBase
+
 # ---------------------------------------------------------------------------
 # TCP transports (twisted.internet.abstract.FileDescriptor, tcp.Connection)
 
@@ -30,9 +35,9 @@ from twisted.python.failure import Failure
 def nothing_waiting_to_send(transport: tcp.Connection) -> bool:
     """True when the transport's send buffer is empty and writing is still allowed, so
     that data sent on the socket now goes out in order."""
-    return (not transport._writeDisconnected  # type: ignore[attr-defined]
-            and not transport._tempDataBuffer  # type: ignore[attr-defined]
-            and transport.offset == len(transport.dataBuffer))  # type: ignore[attr-defined]
+    return (not transport._writeDisconnected
+            and not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer))
 
 
 # ---------------------------------------------------------------------------
@@ -42,14 +47,14 @@ def nothing_waiting_to_send(transport: tcp.Connection) -> bool:
 def limit_accepts(port: tcp.Port, count: int) -> None:
     """How many connections ``port.doRead()`` accepts before returning (Twisted starts
     at 100 and raises it by 20 after every turn that used them all)."""
-    port.numberAccepts = count  # type: ignore[attr-defined]
+    port.numberAccepts = count
 
 
-def adopt_listening_descriptor(port_class: type[tcp.Port], reactor: Any, fd: int, family: int,
-                               factory: Any) -> tcp.Port:
+def adopt_listening_descriptor(port_class: type[tcp.Port], reactor: PosixReactorBase, fd: int, family: int,
+                               factory: IProtocolFactory) -> tcp.Port:
     """A ``port_class`` serving an already-listening socket, as ``adoptStreamPort`` makes
     one (it always makes a plain ``tcp.Port``)."""
-    return port_class._fromListeningDescriptor(reactor, fd, family, factory)  # type: ignore[attr-defined, no-any-return]
+    return port_class._fromListeningDescriptor(reactor, fd, family, factory)  # type: ignore[no-untyped-call, no-any-return]
 
 
 class Connector(tcp.Connector):
@@ -65,12 +70,12 @@ class Connector(tcp.Connector):
 # The epoll reactor (twisted.internet.epollreactor, posixbase)
 
 
-def is_registered(reactor: Any, fd: int) -> bool:
+def is_registered(reactor: EPollReactor, fd: int) -> bool:
     """Whether ``fd`` is in the reactor's epoll set (for reading or writing)."""
     return fd in reactor._reads or fd in reactor._writes
 
 
-def register_reader(reactor: Any, reader: Any, fd: int, events: int) -> None:
+def register_reader(reactor: EPollReactor, reader: IReadDescriptor, fd: int, events: int) -> None:
     """Add ``reader`` to the reactor's epoll set with ``events`` (which may carry flags
     such as ``EPOLLEXCLUSIVE`` that ``addReader`` cannot pass)."""
     reactor._poller.register(fd, events)
@@ -78,20 +83,20 @@ def register_reader(reactor: Any, reader: Any, fd: int, events: int) -> None:
     reactor._selectables[fd] = reader
 
 
-def poll(reactor: Any, timeout: float) -> list[tuple[int, int]]:
+def poll(reactor: EPollReactor, timeout: float) -> list[tuple[int, int]]:
     """One ``epoll_wait``: the (fd, events) ready, waiting at most ``timeout`` seconds
     (-1: until something is)."""
     return reactor._poller.poll(timeout, len(reactor._selectables))  # type: ignore[no-any-return]
 
 
-def selectables(reactor: Any) -> dict[int, Any]:
+def selectables(reactor: EPollReactor) -> dict[int, IReadDescriptor | IWriteDescriptor]:
     """fd -> the reader or writer registered for it."""
-    return reactor._selectables  # type: ignore[no-any-return]
+    return reactor._selectables
 
 
-def event_handler(reactor: Any) -> Callable[[Any, int, int], None]:
+def event_handler(reactor: EPollReactor) -> Callable[[IReadDescriptor | IWriteDescriptor, int, int], None]:
     """What the reactor runs for one ready fd: ``handler(selectable, fd, events)``."""
-    return reactor._doReadOrWrite  # type: ignore[no-any-return]
+    return reactor._doReadOrWrite
 
 
 # ---------------------------------------------------------------------------
@@ -116,13 +121,13 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
       handshake had finished.
     """
 
-    def makeConnection(self, transport: Any) -> None:
+    def makeConnection(self, transport: ITransport) -> None:
         # TLSMemoryBIOProtocol.makeConnection without the directlyProvides loops (and
         # without registering with the factory twice).
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
-        Protocol.makeConnection(self, transport)
-        self.factory.registerProtocol(self)
+        Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]
+        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
         if self._connectWrapped:
             self.wrappedProtocol.makeConnection(self)
 
@@ -134,10 +139,10 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         """The TLS connection is over: ``reason`` is None for a clean end."""
 
     def _shutdownTLS(self) -> None:
-        super()._shutdownTLS()
+        super()._shutdownTLS()  # type: ignore[no-untyped-call]
         if self.disconnecting and self.transport is not None:
             self.transport.loseConnection()
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         self.tls_ended(reason)
-        super()._tlsShutdownFinished(reason)
+        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+from typing import Protocol as TypingProtocol
 
 import attrs
 import httptools
@@ -40,6 +42,16 @@ from proxy.config import Upstream
 from proxy.http11 import connection_tokens
 from proxy.tls import upstream_tls_options
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (
+        IAddress,
+        IConnector,
+        IDelayedCall,
+        IHostnameResolver,
+        IHostResolution,
+    )
+    from twisted.internet.protocol import P
+
 #: Largest upstream answer relayed; a tracking redirect or pixel is a few hundred bytes.
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 #: Idle connections kept per upstream: as many as a burst used, up to this.
@@ -54,6 +66,23 @@ POOL_MAX_AGE = 180.0
 IDLE_TIMEOUT = POOL_MAX_AGE
 
 OUTCOMES = ("ok", "connect_error", "tls_error", "timeout", "reset")
+
+
+class UpstreamReactor(TypingProtocol):
+    """What :class:`UpstreamClient` needs of its reactor: time (``IReactorTime``), TCP
+    connections (``IReactorTCP``) and name resolution (``IReactorPluggableNameResolver``)."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+
+    def connectTCP(self, host: str, port: int, factory: ClientFactory[P], timeout: float = 30.0,
+                   bindAddress: tuple[str, int] | None = None) -> IConnector: ...
+
+    @property
+    def nameResolver(self) -> IHostnameResolver: ...
 
 
 class UpstreamError(Exception):
@@ -123,9 +152,9 @@ class _Exchange:
         self.for_head = for_head
         self.retryable = retryable
         self.deferred: defer.Deferred[UpstreamResponse] = defer.Deferred()
-        self.timer = None
+        self.timer: IDelayedCall | None = None
         self.connection: _Connection | None = None
-        self.connector: object | None = None
+        self.connector: IConnector | None = None
         self.done = False
         self.attempts = 0
 
@@ -242,8 +271,8 @@ class _Connection(Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        self._code = parser.get_status_code()  # type: ignore[union-attr]
+        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # the parser calling back
+        self._code = parser.get_status_code()
         if 100 <= self._code < 200:
             return  # an interim answer (100 Continue): the final one follows
         self._headers_done = True
@@ -326,14 +355,14 @@ class _ConnectionFactory(ClientFactory):
         self._client = client
         self._exchange = exchange
 
-    def buildProtocol(self, addr: object) -> _Connection:
+    def buildProtocol(self, addr: IAddress | None) -> _Connection:
         connection = _Connection(self._client, self._client.generation)
         connection.exchange = self._exchange
         self._exchange.connection = connection
         self._client._opened(connection)
         return connection
 
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self._exchange.fail(classify_failure(reason), _describe(reason))
 
 
@@ -348,7 +377,7 @@ class UpstreamClient:
     """
 
     def __init__(
-        self, reactor: IReactorTime, upstream: Upstream, connect_timeout: float, timeout: float
+        self, reactor: UpstreamReactor, upstream: Upstream, connect_timeout: float, timeout: float
     ) -> None:
         self.upstream = upstream
         self.clock = reactor
@@ -360,7 +389,7 @@ class UpstreamClient:
         self._tls_options = upstream_tls_options(upstream.host, upstream.ca_file) if self.tls else None
         self._addresses: list[str] = [self._dial_host] if _is_ip(self._dial_host) else []
         self._next_address = 0
-        self._resolving: defer.Deferred | None = None
+        self._resolving: defer.Deferred[list[str]] | None = None
         self._waiting: list[_Exchange] = []  # for addresses
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
@@ -404,7 +433,7 @@ class UpstreamClient:
             connection.abort()
         elif exchange.connector is not None:
             try:
-                exchange.connector.stopConnecting()  # type: ignore[attr-defined]
+                exchange.connector.stopConnecting()
             except RuntimeError:
                 pass  # it had already ended
 
@@ -455,10 +484,10 @@ class UpstreamClient:
             return
         address = self._addresses[self._next_address % len(self._addresses)]
         self._next_address += 1
-        factory: object = _ConnectionFactory(self, exchange)
+        factory: ClientFactory[Any] = _ConnectionFactory(self, exchange)
         if self._tls_options is not None:
-            factory = TLSMemoryBIOFactory(self._tls_options, True, factory, clock=self._reactor)
-        exchange.connector = self._reactor.connectTCP(  # type: ignore[attr-defined]
+            factory = TLSMemoryBIOFactory(self._tls_options, True, factory, clock=cast("IReactorTime", self._reactor))
+        exchange.connector = self._reactor.connectTCP(
             address, self._dial_port, factory, timeout=self._connect_timeout
         )
 
@@ -472,7 +501,7 @@ class UpstreamClient:
         self._resolving = _resolve(self._reactor, self._dial_host)
         self._resolving.addBoth(self._resolved)
 
-    def _resolved(self, outcome: object) -> None:
+    def _resolved(self, outcome: list[str] | Failure) -> None:
         self._resolving = None
         waiting, self._waiting = self._waiting, []
         if isinstance(outcome, Failure) or not outcome:
@@ -480,7 +509,7 @@ class UpstreamClient:
             for exchange in waiting:
                 exchange.fail("connect_error", f"cannot resolve {self._dial_host}: {detail}")
             return
-        self._addresses = list(outcome)  # type: ignore[arg-type]
+        self._addresses = list(outcome)
         for exchange in waiting:
             self._connect(exchange)
 
@@ -496,7 +525,7 @@ class UpstreamClient:
         if not _is_ip(self._dial_host):
             self._addresses = []
 
-    def close(self) -> defer.Deferred:
+    def close(self) -> defer.Deferred[None]:
         """Close idle connections and keep no more (shutdown, or an upstream a reload
         dropped); exchanges under way finish on theirs."""
         self._closed = True
@@ -506,19 +535,19 @@ class UpstreamClient:
         return defer.succeed(None)
 
 
-def _resolve(reactor: object, host: str) -> defer.Deferred:
+def _resolve(reactor: UpstreamReactor, host: str) -> defer.Deferred[list[str]]:
     """``host``'s addresses through the reactor's name resolver."""
     from twisted.internet.interfaces import IResolutionReceiver
 
     found: list[str] = []
-    done: defer.Deferred = defer.Deferred()
+    done: defer.Deferred[list[str]] = defer.Deferred()
 
     @implementer(IResolutionReceiver)
     class Receiver:
-        def resolutionBegan(self, resolution: object) -> None:
+        def resolutionBegan(self, resolution: IHostResolution) -> None:
             pass
 
-        def addressResolved(self, address: object) -> None:
+        def addressResolved(self, address: IAddress) -> None:
             found.append(address.host)  # type: ignore[attr-defined]
 
         def resolutionComplete(self) -> None:
@@ -527,13 +556,17 @@ def _resolve(reactor: object, host: str) -> defer.Deferred:
             else:
                 done.errback(error.DNSLookupError(host))
 
-    reactor.nameResolver.resolveHostName(Receiver(), host, 0)  # type: ignore[attr-defined]
+    reactor.nameResolver.resolveHostName(Receiver(), host, 0)
     return done
 
 
-def rotate_every(clock: IReactorTime, clients: Callable[[], list[UpstreamClient]]) -> object:
+def rotate_every(clock: IReactorTime, clients: Callable[[], list[UpstreamClient]]) -> LoopingCall:
     """Rotate every client's pool each :data:`POOL_MAX_AGE` seconds; returns the LoopingCall."""
-    loop = LoopingCall(lambda: [c.rotate() for c in clients()])
+    def rotate_all() -> None:
+        for c in clients():
+            c.rotate()
+
+    loop = LoopingCall(rotate_all)
     loop.clock = clock
     loop.start(POOL_MAX_AGE, now=False)
     return loop

@@ -19,16 +19,35 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from twisted.internet import defer
+    from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
+
+    from proxy.frontend import Frontend
 
 log = Logger(namespace="trackproxy.worker")
 
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
 
 
-def _listener(text: str) -> tuple[str, int, int]:
+class _WorkerReactor(Protocol):
+    """What a worker asks of its reactor (``IReactorCore`` and ``IReactorSocket`` parts)."""
+
+    @property
+    def running(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    def adoptStreamPort(
+        self, fileDescriptor: int, addressFamily: socket.AddressFamily, factory: IProtocolFactory
+    ) -> IListeningPort: ...
+
+
+def _listener(text: str) -> tuple[str, int, socket.AddressFamily]:
     role, fd, family = text.split(":")
     return role, int(fd), _FAMILIES[family]
 
@@ -45,12 +64,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 class Worker:
     """Answers the parent's requests; serves once told to ``start``."""
 
-    def __init__(self, reactor: Any, index: int, listeners: Sequence[tuple[str, int, int]]) -> None:
+    def __init__(
+        self, reactor: _WorkerReactor, index: int, listeners: Sequence[tuple[str, int, socket.AddressFamily]]
+    ) -> None:
         self._reactor = reactor
         self.index = index
         self._listeners = list(listeners)
-        self.frontend: Any = None
-        self.ports: list[Any] = []
+        self.frontend: Frontend | None = None
+        self.ports: list[IListeningPort] = []
 
     def handle(self, message: dict[str, Any]) -> object:
         op = message.get("op")
@@ -82,7 +103,7 @@ class Worker:
         if self.frontend is not None:
             raise ValueError("started already")
         config = parse_config(text, path)  # the parent accepted it: errors are not expected
-        self.frontend = Frontend(self._reactor, config, new_metrics(management=False), utc_now,
+        self.frontend = Frontend(cast("IReactorTime", self._reactor), config, new_metrics(management=False), utc_now,
                                  load_or_create_key(config.state_dir), sys.stdout, in_worker=True)
         for role, fd, family in self._listeners:
             self.ports.append(self._reactor.adoptStreamPort(fd, family, self.frontend.factory_for(role)))
@@ -92,8 +113,10 @@ class Worker:
         return {"ok": True, "pid": os.getpid()}
 
     def _reload(self, text: str, path: str) -> dict[str, Any]:
-        from proxy.config import ConfigErrors, parse_config
+        from proxy.config import parse_config
+        from proxy.yamlnodes import ConfigErrors
 
+        assert self.frontend is not None  # handle() answers a reload only once started
         try:
             config = parse_config(text, path)
             self.frontend.apply(config)
@@ -109,15 +132,16 @@ class Worker:
             log.warn("worker {index}: the parent process went away; stopping", index=self.index)
             self._reactor.stop()
 
-    def stop(self) -> object:
+    def stop(self) -> defer.Deferred[list[Any]]:
         """Stop accepting, let answers under way go out, close pools, flush the log."""
         from twisted.internet import defer
 
         closing = [defer.maybeDeferred(p.stopListening) for p in self.ports]
         if self.frontend is None:
             return defer.gatherResults(closing, consumeErrors=True)
-        drained = self.frontend.drain(self.frontend.config.limits.upstream_timeout + 1)
-        drained.addCallback(lambda _: self.frontend.stop())
+        frontend = self.frontend
+        drained = frontend.drain(frontend.config.limits.upstream_timeout + 1)
+        drained.addCallback(lambda _: frontend.stop())
         return defer.gatherResults([*closing, drained], consumeErrors=True)
 
 
@@ -144,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker = Worker(reactor, args.index, args.listener)
     channel = ControlChannel(worker.handle, on_lost=worker.parent_gone)
-    reactor.adoptStreamConnection(args.control, socket.AF_UNIX, ChannelFactory(channel))
+    reactor.adoptStreamConnection(args.control, socket.AF_UNIX, ChannelFactory(channel))  # type: ignore[no-untyped-call]
     os.close(args.control)
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
     # Ctrl-C in a terminal reaches the whole process group: the parent stops us.

@@ -32,8 +32,8 @@ import datetime
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AnyStr, Protocol, cast
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -55,6 +55,16 @@ from proxy.metrics import Metrics
 from proxy.service import ListenError, Management, new_metrics, utc_now
 from proxy.systemd import Notifier
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (
+        IProcessProtocol,
+        IProcessTransport,
+        IProtocolFactory,
+        IReactorTime,
+    )
+
+    from proxy.renewal import Issuer
+
 log = Logger(namespace="trackproxy.workers")
 
 #: How long a worker may take from spawn to "ready", and the parent's requests to answer.
@@ -65,7 +75,30 @@ CRASH_WINDOW = 10.0
 RESTART_BACKOFF_MAX = 30.0
 #: Environment that belongs to the parent only.
 _PARENT_ONLY_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-_FAMILY_NAMES = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
+_FAMILY_NAMES: dict[int, str] = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
+
+
+class _SpawningReactor(Protocol):
+    """What the supervisor asks of its reactor beyond ``IReactorTime``: ``IReactorProcess``'s
+    ``spawnProcess`` and ``IReactorSocket``'s ``adoptStreamConnection`` (with any factory,
+    as Twisted's reactors take it: the control channel's is a plain ``Factory``)."""
+
+    def spawnProcess(
+        self,
+        processProtocol: IProcessProtocol,
+        executable: bytes | str,
+        args: Sequence[bytes | str],
+        env: Mapping[AnyStr, AnyStr] | None = None,
+        path: None | bytes | str = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Mapping[int, int | str] | None = None,
+    ) -> IProcessTransport: ...
+
+    def adoptStreamConnection(
+        self, fileDescriptor: int, addressFamily: socket.AddressFamily, factory: IProtocolFactory
+    ) -> None: ...
 
 
 def worker_count(config: Config) -> int:
@@ -83,15 +116,15 @@ class WorkerProcess(ProcessProtocol):
         self.ready = False
         self.started_at = 0.0
         self.channel = ControlChannel(self._handle, on_lost=self._channel_lost)
-        self.became_ready: defer.Deferred = defer.Deferred()
-        self.ended: defer.Deferred = defer.Deferred()
+        self.became_ready: defer.Deferred[WorkerProcess] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
         #: The config text it serves.
         self.text: str | None = None
 
     def _handle(self, message: dict[str, Any]) -> object:
         raise ValueError(f"unknown request from worker {self.index}: {message.get('op')!r}")
 
-    def start(self, text: str, path: str, reactor: Any) -> None:
+    def start(self, text: str, path: str, reactor: IReactorTime) -> None:
         """Have it serve ``text`` (the config the parent serves); ready once it says so."""
         self.text = text
         d = self.channel.call("start", text=text, path=path)
@@ -122,9 +155,9 @@ class WorkerProcess(ProcessProtocol):
         self.ended.callback(None)
 
     def signal(self, signum: str) -> None:
-        if self.transport is not None and self.transport.pid is not None:  # type: ignore[attr-defined]
+        if self.transport is not None and self.transport.pid is not None:
             try:
-                self.transport.signalProcess(signum)  # type: ignore[attr-defined]
+                self.transport.signalProcess(signum)
             except Exception:  # ProcessExitedAlready
                 pass
 
@@ -157,10 +190,10 @@ def merge_metrics(own: list[Metric], workers: Mapping[int, str]) -> list[Metric]
     return list(merged.values())
 
 
-def merge_status(replies: Mapping[int, dict]) -> tuple[dict[str, int], dict[str, dict]]:
+def merge_status(replies: Mapping[int, dict[str, Any]]) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
     """Cache entries summed per domain; upstream counts summed, the latest error kept."""
     cache: dict[str, int] = {}
-    counts: dict[str, dict] = {}
+    counts: dict[str, dict[str, Any]] = {}
     for reply in replies.values():
         for domain, entries in reply["cache"].items():
             cache[domain] = cache.get(domain, 0) + entries
@@ -183,7 +216,8 @@ class Supervisor(Management):
     """The parent of the worker processes.
 
     Args:
-        reactor: the reactor to listen, spawn and schedule with.
+        reactor: the reactor to listen, spawn and schedule with (it provides
+            ``IReactorProcess`` and ``IReactorSocket`` too).
         config: the configuration to start with.
         count: how many workers.
         now: the wall clock for certificate validity.
@@ -193,11 +227,11 @@ class Supervisor(Management):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         config: Config,
         count: int,
         *,
-        issuer: object,
+        issuer: Issuer,
         now: Callable[[], datetime.datetime] = utc_now,
         notifier: Notifier | None = None,
         worker_command: Callable[[int, list[str]], list[str]] | None = None,
@@ -218,7 +252,7 @@ class Supervisor(Management):
         _make_self_signed(config, now())
         self.workers: list[WorkerProcess | None] = [None] * count
         self._shared: list[tuple[str, int, int]] = []  # (role, fd, family)
-        self._held: list[object] = []  # sockets kept open for the workers
+        self._held: list[socket.socket] = []  # sockets kept open for the workers
         self._stopping = False
         self._restarts = [0] * count
         self._devnull = os.open(os.devnull, os.O_RDWR)
@@ -232,10 +266,10 @@ class Supervisor(Management):
                 endpoint = endpoints.parse_endpoint(description)
                 if endpoint.kind == "systemd":
                     try:
-                        adopted = serverFromString(self._reactor, description)
+                        adopted = serverFromString(self._reactor, description)  # type: ignore[no-untyped-call]
                     except (KeyError, IndexError, ValueError) as e:
                         raise ListenError(role, description, f"no such socket from systemd ({e})")
-                    fd, family = adopted.fileno, adopted.addressFamily  # type: ignore[attr-defined]
+                    fd, family = adopted.fileno, adopted.addressFamily
                     # Non-blocking for every process that shares it (systemd hands it over
                     # blocking; a worker's accept() would then stall its reactor).
                     os.set_blocking(fd, False)
@@ -253,9 +287,10 @@ class Supervisor(Management):
     # ------------------------------------------------------------------ workers
 
     def _spawn(self, index: int) -> WorkerProcess:
+        spawning = cast("_SpawningReactor", self._reactor)  # the same reactor, seen as IReactorProcess/Socket
         worker = WorkerProcess(self, index)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_fds: dict[int, object] = {0: self._devnull, 1: 1, 2: 2, 3: child_end.fileno()}
+        child_fds: dict[int, int | str] = {0: self._devnull, 1: 1, 2: 2, 3: child_end.fileno()}
         args = ["--index", str(index), "--control", "3"]
         for number, (role, fd, family) in enumerate(self._shared, start=4):
             child_fds[number] = fd
@@ -264,12 +299,13 @@ class Supervisor(Management):
         environment["PYTHONUNBUFFERED"] = "1"
         command = self._worker_command(index, args)
         try:
-            self._reactor.spawnProcess(worker, command[0], command, env=environment, childFDs=child_fds)
+            spawning.spawnProcess(worker, command[0], command, env=environment, childFDs=child_fds)
         finally:
             child_end.close()
-        worker.pid = worker.transport.pid  # type: ignore[attr-defined]
+        assert worker.transport is not None  # spawnProcess connected it
+        worker.pid = worker.transport.pid
         worker.started_at = self._reactor.seconds()
-        self._reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, ChannelFactory(worker.channel))
+        spawning.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, ChannelFactory(worker.channel))
         parent_end.close()
         worker.start(self._config_text, self.config.path, self._reactor)
         self.workers[index] = worker
@@ -310,18 +346,18 @@ class Supervisor(Management):
     def _serving(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w is not None and w.ready]
 
-    def _ask(self, op: str, **fields: Any) -> defer.Deferred:
+    def _ask(self, op: str, **fields: Any) -> defer.Deferred[dict[int, Any]]:
         """Ask every serving worker; fires with {index: result} of those that answered."""
         workers = self._serving()
-        asked = []
+        asked: list[defer.Deferred[Any]] = []
         for worker in workers:
             d = worker.channel.call(op, **fields)
             d.addTimeout(ASK_WITHIN, self._reactor)
             asked.append(d)
         done = defer.DeferredList(asked, consumeErrors=True)
 
-        def collect(results: list) -> dict[int, Any]:
-            answers = {}
+        def collect(results: list[tuple[bool, Any]]) -> dict[int, Any]:
+            answers: dict[int, Any] = {}
             for worker, (ok, value) in zip(workers, results):
                 if ok:
                     answers[worker.index] = value
@@ -348,7 +384,7 @@ class Supervisor(Management):
             self._ask("certificates", reread=reread)
         self._update_renewals()
 
-    def exposition(self, accept: str | None) -> defer.Deferred:
+    def exposition(self, accept: str | None) -> defer.Deferred[tuple[bytes, str]]:
         d = self._ask("metrics")
 
         def encode(answers: dict[int, Any]) -> tuple[bytes, str]:
@@ -359,11 +395,11 @@ class Supervisor(Management):
 
         return d.addCallback(encode)
 
-    def status(self) -> defer.Deferred:
+    def status(self) -> defer.Deferred[dict[str, Any]]:
         d = self._ask("status")
         return d.addCallback(lambda answers: self.status_document(*merge_status(answers)))
 
-    def reload(self) -> defer.Deferred:
+    def reload(self) -> defer.Deferred[tuple[bool, dict[str, Any]]]:
         """Parse once, check, send the same text to every worker, answer once."""
         self.notifier.reloading()
         read = self._read_for_reload()
@@ -388,9 +424,10 @@ class Supervisor(Management):
         previous = self.certificates.states
         mine = self.certificates.load(config, reread=True)
 
-        def outcome(answers: dict[int, Any]) -> tuple[bool, dict]:
+        def outcome(answers: dict[int, Any]) -> tuple[bool, dict[str, Any]]:
             errors = [error for answer in answers.values() if not answer["ok"] for error in answer["errors"]]
-            missing = [w.index for w in self.workers if w is None or w.index not in answers]
+            # A slot is empty (None) while its worker is being replaced, after a crash.
+            missing = [index for index, w in enumerate(self.workers) if w is None or index not in answers]
             if errors:
                 self.certificates.load(self.config)  # back to the file the workers still serve
                 return self._reload_refused(errors)
@@ -406,9 +443,11 @@ class Supervisor(Management):
                          missing=missing)
             return True, self._reload_summary()
 
-        d.addCallback(outcome)
-        d.addBoth(lambda result: (self.notifier.ready(self._summary()), result)[1])
-        return d
+        def notify_ready(result: tuple[bool, dict[str, Any]] | Failure) -> tuple[bool, dict[str, Any]] | Failure:
+            self.notifier.ready(self._summary())
+            return result
+
+        return d.addCallback(outcome).addBoth(notify_ready)
 
     def _watchdog(self) -> None:
         # NotifyAccess=main: only this process may ping, and only while every worker serves.
@@ -417,7 +456,7 @@ class Supervisor(Management):
 
     # ------------------------------------------------------------------ life
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[None]:
         """Bind, start the workers and the admin listener; fires once every worker serves."""
         config = self.config
         for warning in config.warnings:
@@ -433,12 +472,11 @@ class Supervisor(Management):
         ready = defer.gatherResults(workers, consumeErrors=True)
         ready.addTimeout(READY_WITHIN, self._reactor)
         ready.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
-        done = defer.gatherResults([admin, ready], consumeErrors=True)
+        done: defer.Deferred[list[Any]] = defer.gatherResults([admin, ready], consumeErrors=True)
         done.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
-        done.addCallback(lambda _: self._start_management())
-        return done
+        return done.addCallback(lambda _: self._start_management())
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[list[Any]]:
         """Stop the workers (each finishes its answers under way), then the rest."""
         self._stopping = True
         closing = self._stop_management()
@@ -452,7 +490,7 @@ class Supervisor(Management):
             if kill.active():
                 kill.cancel()
             for sock in self._held:
-                sock.close()  # type: ignore[attr-defined]
+                sock.close()
 
         all_ended.addCallback(ended)
         return defer.gatherResults([*closing, all_ended], consumeErrors=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import yaml
@@ -224,7 +224,7 @@ class Reader:
             value = self._plain(node, what)
             if value not in choices:
                 raise self._fail(node, f"{what} must be one of: {', '.join(choices)}")
-            return value
+            return cast(str, value)  # one of the choices
 
         return convert
 

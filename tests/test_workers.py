@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.testing import StringTransport
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from proxy.config import load_config
 from proxy.control import ControlChannel, ControlError
-from proxy.workers import _Families, merge_metrics, merge_status
+from proxy.workers import Supervisor, _Families, merge_metrics, merge_status
 
 
 def worker_exposition(requests: float, open_https: float) -> str:
@@ -73,3 +75,35 @@ def test_requests_pending_when_the_connection_ends_fail():
     asking.connectionLost(None)
     SynchronousTestCase().failureResultOf(pending, ControlError)
     SynchronousTestCase().failureResultOf(asking.call("echo", value=2), ControlError)
+
+
+class _AnsweringWorker:
+    """A serving worker as the parent sees it: its channel answers at once."""
+
+    def __init__(self, index: int) -> None:
+        self.index, self.ready, self.text = index, True, ""
+        self.asked: list[str] = []
+
+        worker = self
+
+        class Channel:
+            def call(self, op: str, **fields: object) -> defer.Deferred[dict[str, object]]:
+                worker.asked.append(op)
+                return defer.succeed({"ok": True})
+
+        self.channel = Channel()
+
+
+def test_a_reload_while_a_worker_is_being_replaced_reaches_the_others_and_succeeds(tmp_path):
+    """After a crash the slot stays empty for its back-off; a reload then is still one
+    answer, and the replacement starts with the new file."""
+    path = tmp_path / "trackproxy.yaml"
+    path.write_text(f"state_dir: {tmp_path / 'state'}\ndomains:\n  t.example.com: {{certificate: none}}\n")
+    supervisor = Supervisor(MemoryReactorClock(), load_config(str(path)), 2, issuer=object())
+    serving = _AnsweringWorker(1)
+    supervisor.workers = [None, serving]  # worker 0 crashed; its replacement is not started yet
+    path.write_text(path.read_text() + "  click.example.com: {certificate: none}\n")
+    ok, summary = SynchronousTestCase().successResultOf(supervisor.reload())
+    assert ok and summary["result"] == "success" and summary["domains"] == 2, summary
+    assert serving.asked == ["reload"]
+    assert supervisor._config_text == path.read_text(), "what the replacement will be given"
