@@ -281,8 +281,9 @@ class _Collector(protocol.ProcessProtocol):
         self.done.callback((code, self.output.decode("utf-8", "replace")))
 
 
-class ProcessReactor(Protocol):
-    """What a certbot run uses of the reactor: ``IReactorProcess`` and ``IReactorTime``."""
+class SpawnsProcesses(Protocol):
+    """``IReactorProcess.spawnProcess`` as a structural type, which (unlike the interface)
+    combines with other reactor capabilities."""
 
     def spawnProcess(
         self,
@@ -297,6 +298,10 @@ class ProcessReactor(Protocol):
         childFDs: Mapping[int, int | str] | None = None,
     ) -> IProcessTransport:
         ...
+
+
+class ProcessReactor(SpawnsProcesses, Protocol):
+    """What a certbot run uses of the reactor: ``IReactorProcess`` and ``IReactorTime``."""
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object) -> IDelayedCall:
         ...

@@ -32,8 +32,8 @@ import datetime
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, AnyStr, Protocol, cast
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -51,14 +51,13 @@ from proxy.config import Config, parse_config
 from proxy.control import ChannelFactory, ControlChannel
 from proxy.frontend import build_runtime, report_certificates
 from proxy.health import HealthBook, health_document
+from proxy.issuer import SpawnsProcesses
 from proxy.metrics import Metrics
 from proxy.service import ListenError, Management, new_metrics, utc_now
 from proxy.systemd import Notifier
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
-        IProcessProtocol,
-        IProcessTransport,
         IProtocolFactory,
         IReactorTime,
     )
@@ -78,23 +77,10 @@ _PARENT_ONLY_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET
 _FAMILY_NAMES: dict[int, str] = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
 
 
-class _SpawningReactor(Protocol):
+class _SpawningReactor(SpawnsProcesses, Protocol):
     """What the supervisor asks of its reactor beyond ``IReactorTime``: ``IReactorProcess``'s
     ``spawnProcess`` and ``IReactorSocket``'s ``adoptStreamConnection`` (with any factory,
     as Twisted's reactors take it: the control channel's is a plain ``Factory``)."""
-
-    def spawnProcess(
-        self,
-        processProtocol: IProcessProtocol,
-        executable: bytes | str,
-        args: Sequence[bytes | str],
-        env: Mapping[AnyStr, AnyStr] | None = None,
-        path: None | bytes | str = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        usePTY: bool = False,
-        childFDs: Mapping[int, int | str] | None = None,
-    ) -> IProcessTransport: ...
 
     def adoptStreamConnection(
         self, fileDescriptor: int, addressFamily: socket.AddressFamily, factory: IProtocolFactory

@@ -33,18 +33,11 @@ def _ca_pem() -> bytes:
     """A real (throw-away) certificate: ca_file and ca_bundle must hold one."""
     import datetime
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from proxy import pki
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "config test CA")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM)
+    authority = pki.Authority.create("config test CA", now, now + datetime.timedelta(days=1))
+    return pki.cert_pem(authority.cert)
 
 
 CA_PEM = _ca_pem()

@@ -28,11 +28,9 @@ from acme import challenges, messages
 from certbot import achallenges, errors
 from certbot._internal import cli
 from certbot._internal.plugins import disco
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from proxy import pki
 from proxy.acme import ChallengeStore
 
 TRACK = "track.example.test"
@@ -447,17 +445,9 @@ def test_certbot_help_shows_the_config_option(tmp_path: Path) -> None:
 
 def certificate_pem(days: int) -> bytes:
     """A throw-away certificate for TRACK ending in ``days`` days (only its dates matter)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TRACK)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
+    cert, _ = pki.self_signed(TRACK, now - datetime.timedelta(days=1), now + datetime.timedelta(days=days))
+    return pki.cert_pem(cert)
 
 
 def put_live_lineage(tmp_path: Path, fullchain: bytes) -> None:

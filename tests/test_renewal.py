@@ -17,16 +17,13 @@ from pathlib import Path
 import attrs
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from proxy import issuer as issuer_module
+from proxy import pki
 from proxy.certs import STATUSES, AcmeRecord, AcmeRecords, CertificateState, CertificateView, describe
 from proxy.config import AcmeSettings, load_config, parse_config
 from proxy.forward import prepare
@@ -67,18 +64,9 @@ def acme_state(domain: str, not_after: datetime.datetime | None = None) -> Certi
 
 def write_pair(cert: Path, key: Path, host: str, not_after: datetime.datetime, bump: float = 0) -> None:
     """A self-signed pair for ``host`` ending at ``not_after``; mtimes moved by ``bump`` s."""
-    private = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(private.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(not_after - days(90)).not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-        .sign(private, hashes.SHA256())
-    )
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    certificate, private = pki.self_signed(host, not_after - days(90), not_after)
+    cert.write_bytes(pki.cert_pem(certificate))
+    key.write_bytes(pki.key_pem(private))
     touch(cert, key, bump=bump)
 
 
