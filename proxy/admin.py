@@ -52,22 +52,27 @@ def _answer_later(request: server.Request, result: _T | defer.Deferred[_T], writ
     return server.NOT_DONE_YET
 
 
+#: What ``/healthz`` says: ``ok`` (200), ``starting`` or ``draining`` (503).
+HEALTH_OK, HEALTH_STARTING, HEALTH_DRAINING = "ok", "starting", "draining"
+
+
 class HealthResource(Resource):
-    """``GET /healthz``: 200 once the config is loaded and every listener is up."""
+    """``GET /healthz``: 200 once the config is loaded and every listener is up, 503 from
+    the moment the proxy is told to stop (a load balancer takes it out meanwhile)."""
 
     isLeaf = True
 
-    def __init__(self, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, health: Callable[[], str]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._is_ready = is_ready
+        self._health = health
 
     def render_GET(self, request: server.Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
         request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
-        if self._is_ready():
-            return b"ok\n"
-        request.setResponseCode(503)
-        return b"starting\n"
+        state = self._health()
+        if state != HEALTH_OK:
+            request.setResponseCode(503)
+        return state.encode("ascii") + b"\n"
 
 
 class MetricsResource(Resource):
@@ -166,19 +171,35 @@ class AdminSite(server.Site):
 
     def __init__(
         self,
-        is_ready: Callable[[], bool],
+        health: Callable[[], str],
         exposition: Callable[[str | None], tuple[bytes, str] | defer.Deferred[tuple[bytes, str]]],
         status: Callable[[], dict[str, Any] | defer.Deferred[dict[str, Any]]],
         reload: Callable[[], tuple[bool, dict[str, Any]] | defer.Deferred[tuple[bool, dict[str, Any]]]],
         config_path: Callable[[], str],
     ) -> None:
         root = Resource()  # type: ignore[no-untyped-call]
-        root.putChild(b"healthz", HealthResource(is_ready))
+        root.putChild(b"healthz", HealthResource(health))
         root.putChild(b"metrics", MetricsResource(exposition))
         root.putChild(b"status", StatusResource(status))
         root.putChild(b"reload", ReloadResource(reload))
         super().__init__(root)  # type: ignore[no-untyped-call]
         self.config_path = config_path
+
+    def log(self, request: object) -> None:
+        pass
+
+
+class HealthSite(server.Site):
+    """``listen.health``: ``GET /healthz`` and nothing else (404 for any other path, 405
+    for any other method), for a load balancer's checks; the admin listener, with its
+    ``POST /reload``, stays private."""
+
+    noisy = False
+
+    def __init__(self, health: Callable[[], str]) -> None:
+        root = Resource()  # type: ignore[no-untyped-call]
+        root.putChild(b"healthz", HealthResource(health))
+        super().__init__(root)  # type: ignore[no-untyped-call]
 
     def log(self, request: object) -> None:
         pass

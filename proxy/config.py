@@ -108,6 +108,33 @@ class Listen:
     http: tuple[str, ...] = ("tcp:80",)
     https: tuple[str, ...] = ("tcp:443",)
     admin: tuple[str, ...] = ("tcp:9180:interface=127.0.0.1",)
+    #: ``GET /healthz`` only, for a load balancer's checks (none by default).
+    health: tuple[str, ...] = ()
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attrs.frozen
+class ProxyProtocolSettings:
+    """PROXY protocol v1/v2 on the http and https listeners: required from ``sources``,
+    refused from anyone else; no sources, no PROXY protocol."""
+
+    sources: tuple[Network, ...] = ()
+    timeout: float = 5.0
+
+
+@attrs.frozen
+class ClusterSettings:
+    """``cluster:`` as written (checked; a cluster of nodes is not available yet)."""
+
+    etcd: tuple[str, ...] = ()
+    prefix: str = "/trackproxy/default"
+    node: str | None = None
+    ca_file: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    secret_file: str = "/etc/trackproxy/cluster.key"
 
 
 @attrs.frozen
@@ -150,6 +177,10 @@ class Config:
     upstreams: Mapping[str, Upstream]
     domains: Mapping[str, Domain]
     warnings: tuple[Warning_, ...] = ()
+    proxy_protocol: ProxyProtocolSettings = ProxyProtocolSettings()
+    #: Seconds between SIGTERM (``/healthz`` answers 503 at once) and no longer accepting.
+    drain_delay: float = 0.0
+    cluster: ClusterSettings | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +205,7 @@ def check_endpoint(description: str) -> None:
 def _read_listen(r: Reader, node: yaml.Node | None) -> Listen:
     if node is None:
         return Listen()
-    entries = r.mapping(node, "listen", ("http", "https", "admin"))
+    entries = r.mapping(node, "listen", ("http", "https", "admin", "health"))
 
     def endpoint(n: yaml.Node, what: str) -> str:
         text = r.as_string(n, what)
@@ -190,7 +221,62 @@ def _read_listen(r: Reader, node: yaml.Node | None) -> Listen:
         http=r.value(entries, "http", "listen", endpoints, defaults.http),
         https=r.value(entries, "https", "listen", endpoints, defaults.https),
         admin=r.value(entries, "admin", "listen", endpoints, defaults.admin),
+        health=r.value(entries, "health", "listen", endpoints, defaults.health),
     )
+
+
+def _cidr(r: Reader, n: yaml.Node, what: str) -> Network:
+    try:
+        return ipaddress.ip_network(r.as_string(n, what), strict=False)
+    except ValueError as e:
+        raise r._fail(n, f"{what}: {e}")
+
+
+def _read_proxy_protocol(r: Reader, node: yaml.Node | None) -> ProxyProtocolSettings:
+    d = ProxyProtocolSettings()
+    if node is None:
+        return d
+    e = r.mapping(node, "proxy_protocol", ("from", "timeout"))
+    return ProxyProtocolSettings(
+        sources=r.value(e, "from", "proxy_protocol", r.as_list(lambda n, w: _cidr(r, n, w)), d.sources),
+        timeout=r.value(e, "timeout", "proxy_protocol", r.as_positive_duration, d.timeout),
+    )
+
+
+def _read_cluster(r: Reader, node: yaml.Node | None) -> ClusterSettings | None:
+    if node is None:
+        return None
+    d = ClusterSettings()
+    e = r.mapping(node, "cluster", ("etcd", "prefix", "node", "ca_file", "cert", "key", "secret_file"))
+
+    def etcd_url(n: yaml.Node, what: str) -> str:
+        url = r.as_string(n, what)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise r._fail(n, f"{what}: {url!r} is not an etcd endpoint (http:// or https://HOST:PORT)")
+        return url
+
+    def prefix(n: yaml.Node, what: str) -> str:
+        text = r.as_string(n, what)
+        if not text.startswith("/"):
+            raise r._fail(n, f"{what} must start with /")
+        return text
+
+    settings = ClusterSettings(
+        etcd=r.value(e, "etcd", "cluster", r.as_list(etcd_url), d.etcd),
+        prefix=r.value(e, "prefix", "cluster", prefix, d.prefix),
+        node=r.value(e, "node", "cluster", r.as_optional_string, d.node),
+        ca_file=r.value(e, "ca_file", "cluster", r.as_optional_ca_file, d.ca_file),
+        cert=r.value(e, "cert", "cluster", r.as_optional_existing_file, d.cert),
+        key=r.value(e, "key", "cluster", r.as_optional_existing_file, d.key),
+        secret_file=r.value(e, "secret_file", "cluster", r.as_path, d.secret_file),
+    )
+    if settings.etcd and e is not None:
+        # Refused rather than ignored: nodes that each believed themselves alone would each
+        # run certbot for the same names and spend the CA's rate limits.
+        r.error(e["etcd"][0], "cluster.etcd: several nodes sharing certificates through etcd is not "
+                "available in this version; run one node, or leave etcd empty")
+    return settings
 
 
 def _read_acme(r: Reader, node: yaml.Node | None) -> AcmeSettings:
@@ -451,7 +537,7 @@ def _read_domains(
 
 _TOP_KEYS = (
     "listen", "state_dir", "acme", "defaults", "cache", "limits", "trusted_proxies",
-    "workers", "log_paths", "resolvers", "upstreams", "domains",
+    "workers", "log_paths", "resolvers", "proxy_protocol", "drain_delay", "cluster", "upstreams", "domains",
 )
 
 
@@ -486,13 +572,10 @@ def parse_config(text: str, path: str) -> Config:
     cache = _read_cache(r, section("cache"))
     limits = _read_limits(r, section("limits"))
 
-    def cidr(n: yaml.Node, what: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-        try:
-            return ipaddress.ip_network(r.as_string(n, what), strict=False)
-        except ValueError as e:
-            raise r._fail(n, f"{what}: {e}")
-
-    trusted = r.value(top, "trusted_proxies", "config", r.as_list(cidr), ())
+    trusted = r.value(top, "trusted_proxies", "config", r.as_list(lambda n, w: _cidr(r, n, w)), ())
+    proxy_protocol = _read_proxy_protocol(r, section("proxy_protocol"))
+    drain_delay = r.value(top, "drain_delay", "config", r.as_duration, 0.0)
+    cluster = _read_cluster(r, section("cluster"))
 
     def workers(n: yaml.Node, what: str) -> int | None:
         if isinstance(n, yaml.ScalarNode) and r.scalar(n) == "auto":
@@ -537,6 +620,9 @@ def parse_config(text: str, path: str) -> Config:
         workers=worker_count,
         log_paths=log_paths,
         resolvers=resolvers,
+        proxy_protocol=proxy_protocol,
+        drain_delay=drain_delay,
+        cluster=cluster,
         upstreams=MappingProxyType(upstreams),
         domains=MappingProxyType(domains),
         warnings=tuple(r.warnings),

@@ -33,6 +33,7 @@ from proxy.config import Config
 from proxy.forward import Router
 from proxy.health import HealthBook
 from proxy.metrics import Metrics
+from proxy.proxyprotocol import ProxyProtocolFactory
 from proxy.server import HTTPFactory, IncomingRequest
 from proxy.statedir import challenge_dir
 from proxy.tls import SESSION_KEY_LIFETIME, CountingTLSFactory, ServerTLS
@@ -155,6 +156,12 @@ class Frontend:
             for scheme in (b"http", b"https")
         )
         self.tls_factory = CountingTLSFactory(self.server_tls, self.https_factory, metrics.count_handshake_failure)
+        # PROXY protocol under TLS and HTTP, as the current config says (off: untouched).
+        self._listening = {
+            role: ProxyProtocolFactory(factory, lambda: self.runtime.config.proxy_protocol, reactor,
+                                       metrics.count_proxy_protocol_refusal)
+            for role, factory in (("http", self.http_factory), ("https", self.tls_factory))
+        }
         metrics.watch_connections("http", lambda: self.http_factory.open_connections)
         metrics.watch_connections("https", lambda: self.https_factory.open_connections)
         self._rotation: LoopingCall | None = None
@@ -167,7 +174,7 @@ class Frontend:
 
     def factory_for(self, role: str) -> IProtocolFactory:
         """What listens for ``role`` (``http`` or ``https``)."""
-        return self.tls_factory if role == "https" else self.http_factory
+        return self._listening[role]
 
     def _route(self, request: IncomingRequest) -> None:
         """Both listeners' handler: the router of the runtime in service now."""

@@ -44,6 +44,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, serving: bool = True, management: bool = True) -> None:
         self.registry = registry
+        self._proxy_refusals: Counter | None = None
         self._request_children: dict[tuple[str, bytes, bytes, int, str], tuple[Counter, Histogram]] = {}
         self._upstream_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.open_connections = Gauge(
@@ -155,6 +156,18 @@ class Metrics:
 
     def count_handshake_failure(self, reason: str) -> None:
         self.tls_handshake_failures.labels(reason).inc()
+
+    def count_proxy_protocol_refusal(self, reason: str) -> None:
+        """``trackproxy_proxy_protocol_refusals_total{reason}``: registered at the first
+        refusal, so a proxy without PROXY protocol exports none of it."""
+        if self._proxy_refusals is None:
+            self._proxy_refusals = Counter(
+                "trackproxy_proxy_protocol_refusals_total",
+                "Connections closed for their PROXY protocol header (from an unlisted source, "
+                "missing, malformed, or late).",
+                ["reason"], registry=self.registry,
+            )
+        self._proxy_refusals.labels(reason).inc()
 
     def watch_connections(self, listener: str, count: Callable[[], int]) -> None:
         """``trackproxy_open_connections{listener}`` reads ``count()`` at scrape time."""

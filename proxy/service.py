@@ -31,13 +31,13 @@ import attrs
 from prometheus_client import CollectorRegistry, ProcessCollector
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 
 from proxy import statedir
 from proxy.access import load_or_create_key
-from proxy.admin import AdminSite
+from proxy.admin import HEALTH_DRAINING, HEALTH_OK, HEALTH_STARTING, AdminSite, HealthSite
 from proxy.certs import AcmeRecords, CertificateState, CertificateView, describe, iso
 from proxy.config import Config, load_config, parse_config
 from proxy.frontend import MAX_CONNECTIONS_PER_LISTENER, Frontend, Runtime, build_runtime
@@ -135,9 +135,11 @@ class Management:
         self.notifier = notifier or Notifier({})
         self.metrics = metrics
         self.ready = False
+        #: Told to stop: ``/healthz`` answers 503 while serving goes on for ``drain_delay``.
+        self.draining = False
         self.loaded_at = now()
         self.last_reload_success = True
-        self.ports: dict[str, list[IListeningPort]] = {"http": [], "https": [], "admin": []}
+        self.ports: dict[str, list[IListeningPort]] = {"http": [], "https": [], "admin": [], "health": []}
         self._loops: list[LoopingCall] = []
         statedir.prepare(config.state_dir)
         self.access_key = load_or_create_key(config.state_dir)
@@ -150,7 +152,7 @@ class Management:
         )
         self._preflight = self._preflight_for(config, None)
         self.admin_site = AdminSite(
-            lambda: self.ready, self.exposition, self.status, self.reload, lambda: self.config.path
+            self.health, self.exposition, self.status, self.reload, lambda: self.config.path
         )
         metrics.watch_certificates(self.certificate_views)
 
@@ -313,10 +315,32 @@ class Management:
             listening.append(cast("defer.Deferred[None]", d))  # _listening's result, now that it is chained
         return listening
 
+    def health(self) -> str:
+        """What ``/healthz`` says (admin and ``listen.health``)."""
+        if self.draining:
+            return HEALTH_DRAINING
+        return HEALTH_OK if self.ready else HEALTH_STARTING
+
     def _listen_admin(self) -> list[defer.Deferred[None]]:
+        """The admin listener, and the health listener if ``listen.health`` names one."""
         admin = ConnectionLimit(self.admin_site, limit=ADMIN_CONNECTIONS)
         self.metrics.watch_connections("admin", lambda: admin.open_connections)
-        return self._listen("admin", self.config.listen.admin, admin)
+        listening = self._listen("admin", self.config.listen.admin, admin)
+        if self.config.listen.health:
+            health = ConnectionLimit(HealthSite(self.health), limit=ADMIN_CONNECTIONS)
+            listening += self._listen("health", self.config.listen.health, health)
+        return listening
+
+    def drain(self) -> defer.Deferred[None]:
+        """The first step of a stop: ``/healthz`` says 503 at once, and everything keeps
+        serving for ``drain_delay`` so that a load balancer takes this node out before it
+        stops accepting connections."""
+        self.draining = True
+        delay = self.config.drain_delay
+        if delay <= 0:
+            return defer.succeed(None)
+        log.info("stopping: /healthz answers 503; serving for {delay:g}s more (drain_delay)", delay=delay)
+        return deferLater(self._reactor, delay)
 
     def _listening(self, port: IListeningPort, role: str, description: str) -> None:
         self.ports[role].append(port)
@@ -464,8 +488,11 @@ class ProxyService(Management):
         self._start_management()
 
     def stop(self) -> defer.Deferred[list[object]]:
-        """Stop listening, let answers under way go out (bounded by the upstream
-        timeout), close idle upstream connections."""
+        """Drain (:meth:`drain`), then stop listening, let answers under way go out
+        (bounded by the upstream timeout) and close idle upstream connections."""
+        return self.drain().addCallback(lambda _: self._stop_serving())
+
+    def _stop_serving(self) -> defer.Deferred[list[object]]:
         closing = self._stop_management()
         drained = self.frontend.drain(self.config.limits.upstream_timeout + 1)
         drained.addCallback(lambda _: self.frontend.stop())

@@ -25,7 +25,14 @@ from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
     from twisted.internet.epollreactor import EPollReactor
-    from twisted.internet.interfaces import IProtocolFactory, IReadDescriptor, ITransport, IWriteDescriptor
+    from twisted.internet.interfaces import (
+        IAddress,
+        IProtocol,
+        IProtocolFactory,
+        IReadDescriptor,
+        ITransport,
+        IWriteDescriptor,
+    )
     from twisted.internet.posixbase import PosixReactorBase
 
 # ---------------------------------------------------------------------------
@@ -38,6 +45,18 @@ def nothing_waiting_to_send(transport: tcp.Connection) -> bool:
     return (not transport._writeDisconnected
             and not transport._tempDataBuffer
             and transport.offset == len(transport.dataBuffer))
+
+
+def hand_over(transport: tcp.Connection, protocol: IProtocol) -> None:
+    """From now on ``transport`` delivers what it reads to ``protocol`` (already connected
+    to it), not to the protocol it was accepted with (PROXY protocol's header reader)."""
+    transport.protocol = protocol
+
+
+def set_client_address(transport: tcp.Connection, address: IAddress) -> None:
+    """``transport.getPeer()`` answers ``address`` from now on (the client a PROXY header
+    named), for every layer above that asks (TLS delegates ``getPeer`` down to here)."""
+    transport.getPeer = lambda: address  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------------------

@@ -463,7 +463,11 @@ class Supervisor(Management):
         return done.addCallback(lambda _: self._start_management())
 
     def stop(self) -> defer.Deferred[list[Any]]:
-        """Stop the workers (each finishes its answers under way), then the rest."""
+        """Drain (``/healthz`` 503, serving on for ``drain_delay``), then stop the workers
+        (each finishes its answers under way), then the rest."""
+        return self.drain().addCallback(lambda _: self._stop_serving())
+
+    def _stop_serving(self) -> defer.Deferred[list[Any]]:
         self._stopping = True
         closing = self._stop_management()
         running = [w for w in self.workers if w is not None]

@@ -105,6 +105,7 @@ def start_proxy(
     ready_within: float = 15.0,
     http_port: int | None = None,
     env: Mapping[str, str] | None = None,
+    listen: Mapping[str, list[str]] | None = None,
 ) -> ProxyProcess:
     """Write ``trackproxy.yaml`` into ``directory`` and run the proxy on it.
 
@@ -112,7 +113,7 @@ def start_proxy(
     ``config`` sets them. ``files`` are copied next to the YAML under the given names,
     so the config can name them by relative path. ``http_port`` chooses the plain-HTTP
     port in advance (pebble's ``httpPort`` must name it before the proxy starts); ``env``
-    adds to the process's environment.
+    adds to the process's environment; ``listen`` adds listener roles (``health``).
 
     Returns:
         The process once ``GET /healthz`` on its admin listener answers 200.
@@ -134,6 +135,7 @@ def start_proxy(
             "http": [f"tcp:{http_port}:interface={LOOPBACK}"],
             "https": [f"tcp:{https_port}:interface={LOOPBACK}"],
             "admin": [f"tcp:{admin_port}:interface={LOOPBACK}"],
+            **(listen or {}),
         },
         "state_dir": str(directory / "state"),
         **config,

@@ -45,7 +45,7 @@ def test_check_config_prints_one_located_line_per_problem_and_exits_1(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines == [
-        f"{bad}:2:3: listen: unknown key 'htps' (did you mean 'https'?); allowed: admin, http, https",
+        f"{bad}:2:3: listen: unknown key 'htps' (did you mean 'https'?); allowed: admin, health, http, https",
         f"{bad}:4:34: domains.track.example.com.cache_ttl: 'soon' is not a duration (use e.g. 10s, 5m, 2h, 30d)",
     ]
 

@@ -1505,3 +1505,47 @@ def test_resolvers_take_bare_addresses_of_either_family(text, expected):
     config = parse(f"resolvers: [\"{text}\"]\n" + ONE_DOMAIN)
 
     assert config.resolvers == (expected,)
+
+
+# ---------------------------------------------------------------------------
+# A node behind a load balancer: listen.health, proxy_protocol, drain_delay, cluster
+
+
+def test_the_balancer_keys_have_their_defaults():
+    config = parse(ONE_DOMAIN)
+    assert config.listen.health == ()
+    assert (config.proxy_protocol.sources, config.proxy_protocol.timeout) == ((), 5.0)
+    assert config.drain_delay == 0.0 and config.cluster is None
+
+
+def test_the_balancer_keys_are_read():
+    config = parse(
+        "listen: {health: ['tcp:8081:interface=10.0.0.2']}\n"
+        "proxy_protocol: {from: [10.0.0.0/24, '2001:db8::1'], timeout: 2s}\n"
+        "drain_delay: 15s\n"
+        + ONE_DOMAIN
+    )
+    assert config.listen.health == ("tcp:8081:interface=10.0.0.2",)
+    assert config.proxy_protocol.sources == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("2001:db8::1"))
+    assert config.proxy_protocol.timeout == 2.0 and config.drain_delay == 15.0
+
+
+@pytest.mark.parametrize(("text", "line", "column", "message"), [
+    ("proxy_protocol: {from: [10.0.0.300/8]}\n", 1, 25, "proxy_protocol.from[0]: "),
+    ("proxy_protocol: {timeout: 0s}\n", 1, 27, "proxy_protocol.timeout must be more than 0"),
+    ("proxy_protocol: {form: []}\n", 1, 18, "unknown key 'form' (did you mean 'from'?)"),
+    ("drain_delay: soon\n", 1, 14, "config.drain_delay: 'soon' is not a duration"),
+    ("listen: {health: ['tcp:abc']}\n", 1, 19, "listen.health[0]: "),
+    ("cluster: {prefix: trackproxy}\n", 1, 19, "cluster.prefix must start with /"),
+    ("cluster: {etcd: ['ftp://10.0.0.5']}\n", 1, 18, "is not an etcd endpoint"),
+    ("cluster: {etcd: ['https://10.0.0.5:2379']}\n", 1, 11, "cluster.etcd: several nodes sharing certificates"),
+], ids=["bad-cidr", "zero-timeout", "typo", "bad-duration", "bad-endpoint", "prefix", "etcd-url", "etcd-refused"])
+def test_the_balancer_keys_are_checked_with_positions(text, line, column, message):
+    error = only_error(text + ONE_DOMAIN)
+    assert (error.line, error.column) == (line, column) and message in error.message, str(error)
+
+
+def test_a_cluster_section_without_etcd_is_read_and_changes_nothing():
+    config = parse("cluster: {prefix: /tp/eu, node: node-a}\n" + ONE_DOMAIN)
+    assert config.cluster is not None and (config.cluster.prefix, config.cluster.node) == ("/tp/eu", "node-a")
+    assert config.cluster.etcd == ()

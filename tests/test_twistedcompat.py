@@ -11,6 +11,7 @@ import socket
 
 from OpenSSL import SSL
 from twisted.internet import epollreactor, tcp
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -124,3 +125,18 @@ def test_the_lean_tls_protocol_overrides_what_twisted_still_has():
     assert hasattr(factory, "_creatorCallable")
     protocol = TLSMemoryBIOProtocol(factory, Protocol())
     assert protocol._connectWrapped is True
+
+
+def test_a_connection_is_handed_to_another_protocol_with_another_peer():
+    reactor = epollreactor.EPollReactor()
+    transport, theirs = server_transport(reactor)
+    try:
+        second = Protocol()
+        twistedcompat.hand_over(transport, second)
+        assert transport.protocol is second, "what tcp.Connection.doRead delivers to"
+        client = IPv4Address("TCP", "203.0.113.9", 40000)
+        twistedcompat.set_client_address(transport, client)
+        assert transport.getPeer() == client
+    finally:
+        transport.socket.close()
+        theirs.close()
