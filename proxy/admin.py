@@ -38,15 +38,15 @@ def _answer_later(request: server.Request, result: _T | defer.Deferred[_T], writ
     def done(value: _T) -> None:
         if request.finished or request._disconnected:
             return
-        request.write(write(value))  # type: ignore[no-untyped-call]
-        request.finish()  # type: ignore[no-untyped-call]
+        request.write(write(value))
+        request.finish()
 
     def failed(failure: Failure) -> None:
         log.failure("admin request failed", failure)
         if request.finished or request._disconnected:
             return
-        request.write(_json(request, 500, {"error": "internal error (see the log)"}))  # type: ignore[no-untyped-call]
-        request.finish()  # type: ignore[no-untyped-call]
+        request.write(_json(request, 500, {"error": "internal error (see the log)"}))
+        request.finish()
 
     d.addCallbacks(done, failed)
     return server.NOT_DONE_YET
@@ -67,8 +67,8 @@ class HealthResource(Resource):
         self._health = health
 
     def render_GET(self, request: server.Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
-        request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
         state = self._health()
         if state != HEALTH_OK:
             request.setResponseCode(503)
@@ -91,7 +91,7 @@ class MetricsResource(Resource):
 
         def write(answer: tuple[bytes, str]) -> bytes:
             body, content_type = answer
-            request.setHeader(b"content-type", content_type.encode("ascii"))  # type: ignore[no-untyped-call]
+            request.setHeader(b"content-type", content_type.encode("ascii"))
             return body
 
         return _answer_later(request, self._exposition(accept.decode("latin-1") if accept else None), write)
@@ -99,8 +99,8 @@ class MetricsResource(Resource):
 
 def _json(request: server.Request, code: int, document: object) -> bytes:
     request.setResponseCode(code, http11.reason(code))
-    request.setHeader(b"content-type", b"application/json")  # type: ignore[no-untyped-call]
-    request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
     return json.dumps(document, indent=2).encode("utf-8") + b"\n"
 
 
@@ -177,7 +177,7 @@ class AdminSite(server.Site):
         reload: Callable[[], tuple[bool, dict[str, Any]] | defer.Deferred[tuple[bool, dict[str, Any]]]],
         config_path: Callable[[], str],
     ) -> None:
-        root = Resource()  # type: ignore[no-untyped-call]
+        root = Resource()
         root.putChild(b"healthz", HealthResource(health))
         root.putChild(b"metrics", MetricsResource(exposition))
         root.putChild(b"status", StatusResource(status))
@@ -197,7 +197,7 @@ class HealthSite(server.Site):
     noisy = False
 
     def __init__(self, health: Callable[[], str]) -> None:
-        root = Resource()  # type: ignore[no-untyped-call]
+        root = Resource()
         root.putChild(b"healthz", HealthResource(health))
         super().__init__(root)  # type: ignore[no-untyped-call]
 

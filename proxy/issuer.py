@@ -152,14 +152,19 @@ def read_outcome(exit_code: int, state_dir: str, domain: str, started: float) ->
 
 def certbot_busy(state_dir: str) -> bool:
     """Whether another certbot holds the lock on any of its directories (certbot locks
-    each with ``fcntl.lockf`` on ``DIR/.certbot.lock`` for as long as it runs)."""
+    each with ``fcntl.lockf`` on ``DIR/.certbot.lock`` for as long as it runs).
+
+    The probe is a shared lock on a read-only descriptor: it conflicts with certbot's
+    exclusive one, and needs only read access to a lock file that root's certbot (the
+    renew timer) may have made.
+    """
     for directory in certbot_dirs(state_dir).values():
         try:
-            fd = os.open(os.path.join(directory, ".certbot.lock"), os.O_RDWR)
+            fd = os.open(os.path.join(directory, ".certbot.lock"), os.O_RDONLY)
         except OSError:
             continue  # no lock file: nobody has run there, or nobody runs now
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EAGAIN):
                 return True

@@ -208,8 +208,8 @@ def resolver_for(resolvers: Sequence[tuple[str, int]], reactor: NamesReactor) ->
     ``/etc/hosts`` is deliberately not consulted: the CA sees public DNS only.
     """
     if resolvers:
-        return client.Resolver(servers=list(resolvers), reactor=reactor)  # type: ignore[no-untyped-call]
-    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)  # type: ignore[no-untyped-call]
+        return client.Resolver(servers=list(resolvers), reactor=reactor)
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
 
 
 class Preflight:
@@ -294,7 +294,7 @@ async def resolve(resolver: IResolver, name: str, timeout: float) -> Resolution:
         for succeeded, result in results:
             if succeeded:
                 answers.extend(result[0])
-            elif (failure := cast(Failure, result)).check(DNSNameError):  # type: ignore[no-untyped-call]
+            elif (failure := cast(Failure, result)).check(DNSNameError):
                 missing.append(failure)
                 answers.extend(_answers_of(failure))
             else:
@@ -336,7 +336,7 @@ async def find_caa(resolver: IResolver, name: str, timeout: float) -> CAAFound:
         except DNSNameError:
             continue
         except Exception as e:
-            return CAAFound(problem=describe_failure(Failure(e)))  # type: ignore[no-untyped-call]
+            return CAAFound(problem=describe_failure(Failure(e)))
         found = [rr for rr in answers if rr.type == CAA]
         if found:
             records = []
@@ -351,9 +351,9 @@ async def find_caa(resolver: IResolver, name: str, timeout: float) -> CAAFound:
 
 def describe_failure(failure: Failure) -> str:
     """A failed lookup in a few words."""
-    if failure.check(DNSQueryTimeoutError):  # type: ignore[no-untyped-call]
+    if failure.check(DNSQueryTimeoutError):
         return "the resolvers did not answer in time"
-    if failure.check(DNSServerError):  # type: ignore[no-untyped-call]
+    if failure.check(DNSServerError):
         return "the resolver answered SERVFAIL"
     # A Failure always has its exception's type and value (its constructor sets them).
     return failure.getErrorMessage() or cast("type[BaseException]", failure.type).__name__

@@ -43,5 +43,5 @@ def prepare() -> SharedListenerReactor:
     watch.clock = reactor
     watch.start(1.0, now=False)
     install_quiet_excepthook()
-    disable_created_metrics()  # type: ignore[no-untyped-call]
+    disable_created_metrics()
     return reactor

@@ -100,9 +100,11 @@ def _parse_v1(data: bytes) -> tuple[int, IAddress | None] | None:
     try:
         source = ipaddress.ip_address(fields[2].decode("ascii"))
         ipaddress.ip_address(fields[3].decode("ascii"))
+        if not (fields[4].isdigit() and fields[5].isdigit()):
+            raise ValueError("a port is not a number")
         port = int(fields[4])
-        if not (0 <= port <= 65535 and 0 <= int(fields[5]) <= 65535) or not fields[4].isdigit():
-            raise ValueError("port")
+        if port > 65535 or int(fields[5]) > 65535:
+            raise ValueError("a port past 65535")
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused("malformed", f"a PROXY v1 line with a bad address or port ({e})") from None
     if (source.version == 4) != (fields[1] == b"TCP4"):
@@ -213,7 +215,7 @@ class HeaderReader(Protocol):
     def _refuse(self, refused: Refused) -> None:
         self._factory.refused(refused.reason)
         self._buffer = b""
-        self._tcp.abortConnection()  # type: ignore[no-untyped-call]
+        self._tcp.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.connected = False

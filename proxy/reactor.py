@@ -150,5 +150,5 @@ def install() -> SharedListenerReactor:
     from twisted.internet.main import installReactor
 
     reactor = SharedListenerReactor()  # type: ignore[no-untyped-call]
-    installReactor(reactor)  # type: ignore[no-untyped-call]
+    installReactor(reactor)
     return reactor

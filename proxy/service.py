@@ -308,7 +308,7 @@ class Management:
     ) -> list[defer.Deferred[None]]:
         listening = []
         for description in descriptions:
-            endpoint: IStreamServerEndpoint = serverFromString(self._reactor, description)  # type: ignore[no-untyped-call]
+            endpoint: IStreamServerEndpoint = serverFromString(self._reactor, description)
             d = defer.maybeDeferred(endpoint.listen, factory)
             d.addCallback(self._listening, role, description)
             d.addErrback(self._listen_failed, role, description)

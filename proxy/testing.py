@@ -85,7 +85,7 @@ class LocalCA:
         from twisted.internet.ssl import PrivateCertificate
 
         cert_path, key_path = self.issue(host)
-        options: CertificateOptions = PrivateCertificate.loadPEM(  # type: ignore[no-untyped-call]
+        options: CertificateOptions = PrivateCertificate.loadPEM(
             cert_path.read_text() + key_path.read_text()
         ).options()
         return options
@@ -148,7 +148,7 @@ class MemoryUpstream:
     """
 
     def __init__(self, reactor: MemoryReactorClock | None = None) -> None:
-        self.reactor = reactor or MemoryReactorClock()  # type: ignore[no-untyped-call]
+        self.reactor = reactor or MemoryReactorClock()
         self.transports: list[StringTransport] = []
 
     @property
@@ -171,7 +171,7 @@ class MemoryUpstream:
         """Complete attempt ``index`` over a ``StringTransport`` (plain HTTP): the client's
         protocol and the transport whose ``value()`` is what it sent."""
         protocol = self.protocol(index)
-        transport = StringTransport()  # type: ignore[no-untyped-call]
+        transport = StringTransport()
         protocol.makeConnection(transport)
         self.transports.append(transport)
         return protocol, transport
@@ -182,7 +182,7 @@ class MemoryUpstream:
         # No connector is passed: an UpstreamClient's factories do not use it.
         factory.clientConnectionFailed(
             None,  # type: ignore[arg-type]
-            Failure(reason or error.ConnectionRefusedError()),  # type: ignore[no-untyped-call]
+            Failure(reason or error.ConnectionRefusedError()),
         )
 
 
@@ -200,13 +200,13 @@ def connect_in_memory(server: IProtocol, client: IProtocol, clock: IReactorTime,
     what ``clock`` (the reactor the TLS layers were given) has due now, as a reactor
     turn would (Twisted's client TLS sends small writes at the next turn).
     """
-    server_transport = iosim.FakeTransport(  # type: ignore[no-untyped-call]
+    server_transport = iosim.FakeTransport(
         server, True, IPv4Address("TCP", *host), IPv4Address("TCP", *peer)
     )
-    client_transport = iosim.FakeTransport(  # type: ignore[no-untyped-call]
+    client_transport = iosim.FakeTransport(
         client, False, IPv4Address("TCP", *peer), IPv4Address("TCP", *host)
     )
-    return iosim.connect(  # type: ignore[no-untyped-call, no-any-return]
+    return iosim.connect(  # type: ignore[no-any-return]
         server, server_transport, client, client_transport, greet=False, clock=clock
     )
 
@@ -230,7 +230,7 @@ class RecordingProtocol(Protocol):
         if self._on_data is not None:
             self._on_data(self)
 
-    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # type: ignore[no-untyped-call]  # noqa: B008
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
         self.lost = reason
 
 

@@ -452,10 +452,10 @@ def upstream_tls_options(host: str, ca_file: str | None) -> IOpenSSLClientConnec
     Built once per upstream at start-up or reload (it costs about 0.1 ms).
     """
     if ca_file is None:
-        trust = tssl.platformTrust()  # type: ignore[no-untyped-call]
+        trust = tssl.platformTrust()
     else:
         # Certificate.loadPEM keeps only the first certificate of a bundle.
-        trust = tssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
-            [tssl.Certificate(crypto.X509.from_cryptography(c)) for c in load_pem_chain(ca_file)]  # type: ignore[no-untyped-call]
+        trust = tssl.trustRootFromCertificates(
+            [tssl.Certificate(crypto.X509.from_cryptography(c)) for c in load_pem_chain(ca_file)]
         )
     return tssl.optionsForClientTLS(host, trustRoot=trust)

@@ -73,7 +73,7 @@ def adopt_listening_descriptor(port_class: type[tcp.Port], reactor: PosixReactor
                                factory: IProtocolFactory) -> tcp.Port:
     """A ``port_class`` serving an already-listening socket, as ``adoptStreamPort`` makes
     one (it always makes a plain ``tcp.Port``)."""
-    return port_class._fromListeningDescriptor(reactor, fd, family, factory)  # type: ignore[no-untyped-call, no-any-return]
+    return port_class._fromListeningDescriptor(reactor, fd, family, factory)  # type: ignore[no-any-return]
 
 
 class Connector(tcp.Connector):
@@ -145,8 +145,8 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         # without registering with the factory twice).
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
-        Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]
-        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
         if self._connectWrapped:
             self.wrappedProtocol.makeConnection(self)
 

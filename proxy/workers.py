@@ -252,7 +252,7 @@ class Supervisor(Management):
                 endpoint = endpoints.parse_endpoint(description)
                 if endpoint.kind == "systemd":
                     try:
-                        adopted = serverFromString(self._reactor, description)  # type: ignore[no-untyped-call]
+                        adopted = serverFromString(self._reactor, description)
                     except (KeyError, IndexError, ValueError) as e:
                         raise ListenError(role, description, f"no such socket from systemd ({e})")
                     fd, family = adopted.fileno, adopted.addressFamily

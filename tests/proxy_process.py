@@ -8,6 +8,7 @@ run`` on a YAML written for the test, its log, its worker processes, and the CLI
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -216,3 +217,22 @@ def run_trackproxy(*args: str, timeout: float = 120.0) -> subprocess.CompletedPr
         [sys.executable, "-m", "proxy", *args],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
     )
+
+
+def kill_a_worker(proxy: ProxyProcess) -> int:
+    """SIGKILL one of the proxy's worker processes (the oldest); its PID."""
+    victim = min(children(proxy.process.pid))
+    os.kill(victim, signal.SIGKILL)
+    return victim
+
+
+def replaced_worker(proxy: ProxyProcess, victim: int, workers: int = 2, within: float = 20) -> set[int]:
+    """Wait until the parent has ``workers`` workers again, ``victim`` not among them; them."""
+    deadline = time.monotonic() + within
+    while True:
+        now = children(proxy.process.pid)
+        if len(now) == workers and victim not in now:
+            return now
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker {victim} not replaced within {within}s (workers now: {now})")
+        time.sleep(0.05)  # poll interval, not a wait for something to happen

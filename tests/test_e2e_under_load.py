@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import ssl
 import threading
 import urllib.request
@@ -17,7 +16,7 @@ from proxy import pki
 from proxy.testing import LocalCA
 
 from observe import poll
-from proxy_process import LOOPBACK, children, start_proxy
+from proxy_process import LOOPBACK, kill_a_worker, replaced_worker, start_proxy
 from standin_upstream import UpstreamStandIn, scripted_path
 from wire import TLS, request
 
@@ -153,14 +152,7 @@ def test_a_worker_killed_under_load_fails_only_its_requests_in_flight(tmp_path, 
         # Each request takes 50 ms upstream: at any moment each thread has one in flight.
         load = Load(lambda n: request(proxy.http_port, TRACK, scripted_path(delay=0.05)).status, threads=threads)
         poll(lambda: load.ok >= 30, 20, "traffic flowing", interval=0.01)
-        victim = min(children(proxy.process.pid))
-        os.kill(victim, signal.SIGKILL)
-
-        def replaced() -> bool:
-            now = children(proxy.process.pid)
-            return len(now) == 2 and victim not in now
-
-        poll(replaced, 20, "the killed worker replaced")
+        replaced_worker(proxy, kill_a_worker(proxy))
         failed_at_kill = len(load.failed)
         served = load.ok
         poll(lambda: load.ok >= served + 30, 20, "traffic after the replacement", interval=0.01)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import threading
 import time
@@ -25,7 +24,7 @@ import yaml
 from proxy.testing import LocalCA
 
 from observe import poll, scrape
-from proxy_process import LOOPBACK, ProxyProcess, children, start_proxy
+from proxy_process import LOOPBACK, ProxyProcess, children, kill_a_worker, replaced_worker, start_proxy
 from standin_upstream import UpstreamStandIn, scripted_path
 from wire import TLS, request
 
@@ -153,14 +152,7 @@ def test_a_replaced_worker_serves_the_accepted_config_not_the_file_on_disk(proxy
     good = proxy.config_path.read_text()
     proxy.config_path.write_text("this: [is not a config\n")  # an edit not reloaded (yet)
     try:
-        victim = min(children(proxy.process.pid))
-        os.kill(victim, signal.SIGKILL)
-
-        def replaced() -> bool:
-            now = children(proxy.process.pid)
-            return len(now) == 2 and victim not in now
-
-        poll(replaced, 20, "a replacement worker")
+        replaced_worker(proxy, kill_a_worker(proxy))
         poll(lambda: request(proxy.admin_port, None, "/healthz").status == 200, 20, "healthy again")
         served_by_both(proxy, TRACK)
     finally:
@@ -169,17 +161,12 @@ def test_a_replaced_worker_serves_the_accepted_config_not_the_file_on_disk(proxy
 
 def test_a_worker_killed_is_replaced_and_the_port_keeps_answering(proxy):
     workers = children(proxy.process.pid)
-    victim = min(workers)
-    os.kill(victim, signal.SIGKILL)
+    victim = kill_a_worker(proxy)
     # Through the restart, every request is answered (the other worker takes them all).
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         assert request(proxy.http_port, TRACK, "/f/during").status == 302
-    def replacement() -> set[int] | None:
-        now = children(proxy.process.pid)
-        return now if len(now) == 2 and victim not in now else None
-
-    replaced = poll(replacement, 20, "a new worker in place of the killed one")
+    replaced = replaced_worker(proxy, victim)
     assert victim not in replaced and replaced & workers
     poll(lambda: request(proxy.admin_port, None, "/healthz").status == 200, 20, "healthy again")
     served_by_both(proxy, TRACK)

@@ -5,6 +5,7 @@ HAProxy's ``send-proxy``/``send-proxy-v2`` do), plain and over TLS."""
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import socket
 import ssl
 import struct
@@ -13,8 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
-from proxy.proxyprotocol import V2_SIGNATURE, Refused, parse_header, starts_like_a_header
+from proxy.config import ProxyProtocolSettings
+from proxy.proxyprotocol import V2_SIGNATURE, ProxyProtocolFactory, Refused, parse_header, starts_like_a_header
 from proxy.testing import LocalCA
 
 from observe import poll, scrape
@@ -62,14 +67,74 @@ def test_part_of_a_header_waits_for_the_rest(data):
     (b"PROXY TCP4 203.0.113.300 198.51.100.1 1 2\r\n", "malformed"),
     (b"PROXY TCP4 2001:db8::9 198.51.100.1 1 2\r\n", "malformed"),
     (b"PROXY TCP4 203.0.113.9 198.51.100.1 99999 2\r\n", "malformed"),
+    (b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 +443\r\n", "malformed"),
     (b"PROXY " + b"x" * 120, "malformed"),
     (V2_SIGNATURE + b"\x10\x11\x00\x00", "malformed"),  # version 1 in a v2 signature
     (v2(2, 0x11, bytes(12)), "malformed"),
-], ids=["http", "tls", "bad-ip", "wrong-family", "bad-port", "too-long", "v2-version", "v2-command"])
+], ids=["http", "tls", "bad-ip", "wrong-family", "bad-port", "signed-port", "too-long", "v2-version",
+        "v2-command"])
 def test_what_is_not_an_acceptable_header_is_refused_with_its_reason(data, reason):
     with pytest.raises(Refused) as info:
         parse_header(data)
     assert info.value.reason == reason
+
+
+# ---------------------------------------------------------------------------
+# The connection's first bytes, in memory (a Clock for the deadline)
+
+
+class Inner(Protocol):
+    """The listener's own protocol: what it is told of its peer, and what it reads."""
+
+    def __init__(self) -> None:
+        self.peer: object = None
+        self.data = b""
+
+    def connectionMade(self) -> None:
+        self.peer = self.transport.getPeer()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+def reader_from(source: str, listed: str = "127.0.0.0/8"):
+    clock, refused = Clock(), []
+    factory = ProxyProtocolFactory(Factory.forProtocol(Inner),
+                                   lambda: ProxyProtocolSettings((ipaddress.ip_network(listed),), 5.0),
+                                   clock, refused.append)
+    peer = IPv4Address("TCP", source, 5000)
+    reader = factory.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    reader.makeConnection(transport)
+    return reader, transport, clock, refused
+
+
+def test_a_header_split_across_segments_is_waited_for_then_the_connection_handed_over():
+    reader, transport, clock, refused = reader_from("127.0.0.1")
+    header = v2_tcp4("203.0.113.9")
+    reader.dataReceived(header[:7])  # shorter than the signature, as a slow balancer may send
+    reader.dataReceived(header[7:20])
+    assert not hasattr(transport, "protocol"), "nothing handed over yet"
+    reader.dataReceived(header[20:] + b"GET /")
+    inner = transport.protocol
+    assert isinstance(inner, Inner) and inner.peer == IPv4Address("TCP", "203.0.113.9", 40000)
+    assert inner.data == b"GET /"
+    clock.advance(10)
+    assert refused == [] and not transport.disconnecting, "the header's deadline was cancelled"
+
+
+def test_a_listed_source_that_sends_no_header_in_time_is_cut():
+    reader, transport, clock, refused = reader_from("127.0.0.1")
+    reader.dataReceived(b"PROXY TCP4 ")
+    clock.advance(5)
+    assert refused == ["timeout"] and transport.disconnecting
+
+
+def test_an_unlisted_source_is_its_own_client_from_its_first_byte():
+    reader, transport, clock, refused = reader_from("192.0.2.7")
+    reader.dataReceived(b"G")  # cannot begin a header: handed over at once
+    assert transport.protocol.peer == IPv4Address("TCP", "192.0.2.7", 5000)
+    assert transport.protocol.data == b"G" and refused == []
 
 
 # ---------------------------------------------------------------------------
