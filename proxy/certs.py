@@ -89,7 +89,7 @@ def certificate_files(config: Config, domain: Domain) -> tuple[str, str] | None:
     return None
 
 
-def _fingerprints(paths: tuple[str, ...]) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+def fingerprints(paths: tuple[str, ...]) -> tuple[tuple[str, tuple[int, int, int]], ...]:
     """What tells a changed file without reading it: modification time, inode (an atomic
     replace makes a new one, even when a copy kept the old time) and size."""
     result = []
@@ -128,7 +128,7 @@ class CertificateStore:
     def load(self, config: Config, reread: bool = False) -> dict[str, CertificateState]:
         """Load every domain of ``config``; domains no longer configured are dropped.
 
-        Files that look unchanged (:func:`_fingerprints`) are not parsed again unless
+        Files that look unchanged (:func:`fingerprints`) are not parsed again unless
         ``reread`` (an operator's reload: whatever the files look like, they are read).
         Self-signed certificates that are missing or stale are made first.
         """
@@ -152,7 +152,7 @@ class CertificateStore:
         files = certificate_files(config, domain)
         if files is None:
             return CertificateState(domain.name, source, "inactive")
-        fingerprint = _fingerprints(files)
+        fingerprint = fingerprints(files)
         previous = self._states.get(domain.name)
         same_source = previous is not None and previous.source == source
         if same_source and previous is not None and previous.files == fingerprint and not reread:

@@ -166,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     reactor = process.prepare()
     from twisted.logger import Logger
 
+    from proxy.clusterkey import ClusterKeyError
     from proxy.issuer import CertbotIssuer
     from proxy.service import ProxyService
     from proxy.systemd import Notifier
@@ -183,6 +184,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  notifier=Notifier(os.environ))
     except OSError as e:
         print(f"trackproxy: cannot prepare {config.state_dir}: {e}", file=sys.stderr)
+        return 1
+    except ClusterKeyError as e:
+        print(f"trackproxy: {e}", file=sys.stderr)
         return 1
     outcome = {"code": 0}
 
@@ -362,7 +366,27 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     if problems:
         lines += ["", *problems]
+    if "cluster" in status:
+        lines += ["", *format_cluster(status["cluster"])]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_cluster(cluster: dict[str, Any]) -> list[str]:
+    """Which node issues, whether etcd answers, and each node's last sync."""
+    store = cluster["store"]
+    if store != "ok" and cluster.get("store_error"):
+        store += f" ({cluster['store_error']})"
+    lines = [
+        f"cluster: this node {cluster['node']}, issuer {cluster['issuer'] or 'none'}, etcd {store}",
+        "  NODE  ISSUER  LAST SYNC",
+    ]
+    nodes = cluster.get("nodes") or {cluster["node"]: {"last_sync": cluster["last_sync"]}}
+    width = max(len("NODE"), *(len(name) for name in nodes))
+    lines[1] = "  " + "NODE".ljust(width) + "  ISSUER  LAST SYNC"
+    for name, node in sorted(nodes.items()):
+        issuer = "yes" if name == cluster["issuer"] else ""
+        lines.append(f"  {name.ljust(width)}  {issuer.ljust(6)}  {node.get('last_sync') or 'never'}")
+    return lines
 
 
 def upstream_health_summary(health: dict[str, Any]) -> str:
@@ -424,6 +448,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
     if not chosen:
         print(f"{config.path}: no certificate: acme domains")
         return 0
+    refusal = _not_the_issuer(config)
+    if refusal is not None:
+        print(f"trackproxy: {refusal}", file=sys.stderr)
+        return 1
     failed = []
     for domain in chosen:
         force = args.force
@@ -442,6 +470,24 @@ def cmd_certs(args: argparse.Namespace) -> int:
         print(f"trackproxy: certbot failed for {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _not_the_issuer(config: Config) -> str | None:
+    """On a cluster, why certbot must not run here (None: this node issues). A
+    certificate made elsewhere would stay on that node, and spend the CA's limits."""
+    settings = config.cluster
+    if settings is None or not settings.etcd:
+        return None
+    from proxy.clusterstore import StoreError, etcd_store
+
+    try:
+        issuer = etcd_store(settings).issuer()
+    except StoreError as e:
+        return f"cannot tell which cluster node issues ({e}); certbot not run"
+    if issuer == settings.node:
+        return None
+    return (f"this node ({settings.node}) does not issue the cluster's certificates "
+            f"({issuer or 'no node does right now'} does): run trackproxy certs there")
 
 
 def _renewal_due(config: Config, domain: str) -> tuple[bool, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, cast
@@ -126,7 +127,8 @@ class ProxyProtocolSettings:
 
 @attrs.frozen
 class ClusterSettings:
-    """``cluster:`` as written (checked; a cluster of nodes is not available yet)."""
+    """``cluster:`` as written; ``node`` is filled in with the host name if not given.
+    A cluster is on when ``etcd`` names an endpoint (README "Running several nodes")."""
 
     etcd: tuple[str, ...] = ()
     prefix: str = "/trackproxy/default"
@@ -187,6 +189,8 @@ class Config:
 # Values
 
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NODE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def check_endpoint(description: str) -> None:
@@ -262,20 +266,31 @@ def _read_cluster(r: Reader, node: yaml.Node | None) -> ClusterSettings | None:
             raise r._fail(n, f"{what} must start with /")
         return text
 
+    def node_name(n: yaml.Node, what: str) -> str | None:
+        text = r.as_optional_string(n, what)
+        if text is not None and not _NODE_NAME.match(text):
+            raise r._fail(n, f"{what}: {text!r} is not a node name (letters, digits, '.', '_' and '-')")
+        return text
+
     settings = ClusterSettings(
         etcd=r.value(e, "etcd", "cluster", r.as_list(etcd_url), d.etcd),
         prefix=r.value(e, "prefix", "cluster", prefix, d.prefix),
-        node=r.value(e, "node", "cluster", r.as_optional_string, d.node),
+        node=r.value(e, "node", "cluster", node_name, d.node),
         ca_file=r.value(e, "ca_file", "cluster", r.as_optional_ca_file, d.ca_file),
         cert=r.value(e, "cert", "cluster", r.as_optional_existing_file, d.cert),
         key=r.value(e, "key", "cluster", r.as_optional_existing_file, d.key),
         secret_file=r.value(e, "secret_file", "cluster", r.as_path, d.secret_file),
     )
-    if settings.etcd and e is not None:
-        # Refused rather than ignored: nodes that each believed themselves alone would each
-        # run certbot for the same names and spend the CA's rate limits.
-        r.error(e["etcd"][0], "cluster.etcd: several nodes sharing certificates through etcd is not "
-                "available in this version; run one node, or leave etcd empty")
+    if e is not None and (settings.cert is None) != (settings.key is None):
+        r.error(e["cert"][0] if "cert" in e else e["key"][0],
+                "cluster.cert and cluster.key go together (etcd's client certificate and its key)")
+    if settings.etcd and e is not None and not os.path.isfile(settings.secret_file):
+        # Without it no private key can be shared: refused here rather than at the first issuance.
+        where = e["secret_file"][1] if "secret_file" in e else e["etcd"][0]
+        r.error(where, f"cluster.secret_file: no such file {settings.secret_file!r} (the key that "
+                "encrypts private keys in etcd, the same on every node: openssl rand -base64 32)")
+    if settings.node is None:
+        settings = attrs.evolve(settings, node=_NODE_NAME_UNSAFE.sub("-", socket.gethostname()) or "node")
     return settings
 
 

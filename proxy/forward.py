@@ -34,7 +34,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from proxy import http11
-from proxy.acme import CHALLENGE_PREFIX, ChallengeStore
+from proxy.acme import CHALLENGE_PREFIX, ChallengeStore, SharedChallenges
 from proxy.cache import ENTRY_OVERHEAD, ResponseCache, cache_key, storable_ttl
 from proxy.config import Domain
 from proxy.health import HealthBook, UpstreamHealth
@@ -244,6 +244,7 @@ class Router:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         health: HealthBook | None = None,
+        shared_challenges: SharedChallenges | None = None,
     ) -> None:
         self.routes: dict[str, Route] = {
             name: Route(
@@ -257,6 +258,7 @@ class Router:
             for name, domain in domains.items()
         }
         self.challenges = challenges
+        self.shared_challenges = shared_challenges
         self.trusted_proxies = tuple(trusted_proxies)
         self.cache = cache
         self.metrics = metrics
@@ -301,7 +303,7 @@ class Router:
             self.respond(request, 421, b"this connection is for another domain")
             return
         if target.startswith(CHALLENGE_PREFIX):
-            self._answer_challenge(request, target)
+            self._answer_challenge(request, target, route)
             return
         method = request.method
         if method not in route.domain.allowed_methods:
@@ -366,12 +368,20 @@ class Router:
         else:
             self.relay(answer, request)
 
-    def _answer_challenge(self, request: IncomingRequest, target: bytes) -> None:
+    def _answer_challenge(self, request: IncomingRequest, target: bytes, route: Route) -> None:
         if request.method not in (b"GET", b"HEAD"):
             self.respond(request, 405, b"method not allowed", b"Allow: GET, HEAD\r\n")
             return
         token = target[len(CHALLENGE_PREFIX):].split(b"?", 1)[0]
         answer = self.challenges.answer(token)
+        if answer is None and self.shared_challenges is not None:
+            # Another node's certbot asked (a cluster): etcd has the token for its domain.
+            d = self.shared_challenges.answer(token, route.domain.name)
+            d.addCallback(self._challenge_answered, request)
+            return
+        self._challenge_answered(answer, request)
+
+    def _challenge_answered(self, answer: bytes | None, request: IncomingRequest) -> None:
         if answer is None:
             self.respond(request, 404, b"no such challenge")
             return

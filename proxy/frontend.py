@@ -26,9 +26,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from proxy.access import AccessLog, Recorder
-from proxy.acme import ChallengeStore
+from proxy.acme import ChallengeStore, SharedChallenges
 from proxy.cache import ResponseCache
 from proxy.certs import CertificateState, CertificateStore
+from proxy.cluster import in_thread_pool
+from proxy.clusterstore import etcd_store
 from proxy.config import Config
 from proxy.forward import Router
 from proxy.health import HealthBook
@@ -100,8 +102,20 @@ def build_runtime(
         metrics=metrics,
         clock=reactor.seconds,
         health=health,
+        shared_challenges=_shared_challenges(reactor, config, previous),
     )
     return Runtime(config=config, router=router, clients=clients, access_log=access_log)
+
+
+def _shared_challenges(reactor: IReactorTime, config: Config, previous: Runtime | None) -> SharedChallenges | None:
+    """On a cluster node: challenge answers from etcd (kept across reloads that leave
+    ``cluster`` alone)."""
+    settings = config.cluster
+    if settings is None or not settings.etcd:
+        return None
+    if previous is not None and previous.config.cluster == settings and previous.router.shared_challenges is not None:
+        return previous.router.shared_challenges
+    return SharedChallenges(etcd_store(settings), in_thread_pool(reactor))
 
 
 class Frontend:

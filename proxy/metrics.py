@@ -11,8 +11,9 @@ The registry is injected (a fresh ``CollectorRegistry()`` per test).
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -28,6 +29,19 @@ if TYPE_CHECKING:
 
     from proxy.cache import ResponseCache
     from proxy.certs import CertificateView
+
+
+
+class ClusterView(Protocol):
+    """What the cluster gauges read of ``cluster.ClusterNode``."""
+
+    store_state: str
+    last_sync: datetime.datetime | None
+
+    @property
+    def is_issuer(self) -> bool:
+        ...
+
 
 UNKNOWN_DOMAIN = "_unknown"
 _METHODS = {m.encode("ascii"): m for m in KNOWN_METHODS}
@@ -168,6 +182,20 @@ class Metrics:
                 ["reason"], registry=self.registry,
             )
         self._proxy_refusals.labels(reason).inc()
+
+    def watch_cluster(self, node: ClusterView) -> None:
+        """The cluster gauges (README "Running several nodes"), read at scrape time;
+        registered only on a cluster node."""
+        gauges = (
+            ("trackproxy_cluster_store_up", "1 while the last sync with etcd succeeded.",
+             lambda: 1.0 if node.store_state == "ok" else 0.0),
+            ("trackproxy_cluster_issuer", "1 while this node holds the issuer lease.",
+             lambda: 1.0 if node.is_issuer else 0.0),
+            ("trackproxy_cluster_last_sync_timestamp_seconds", "When this node last synced with etcd.",
+             lambda: node.last_sync.timestamp() if node.last_sync is not None else 0.0),
+        )
+        for name, help_text, read in gauges:
+            Gauge(name, help_text, registry=self.registry).set_function(read)
 
     def watch_connections(self, listener: str, count: Callable[[], int]) -> None:
         """``trackproxy_open_connections{listener}`` reads ``count()`` at scrape time."""

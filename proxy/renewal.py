@@ -86,6 +86,8 @@ class RenewalManager:
         self._preflight: Preflight | None = None
         self.running: str | None = None
         self._stopped = False
+        #: False on a cluster node that does not hold the issuer lease (``cluster``).
+        self.active = True
 
     def acme_domains(self) -> list[str]:
         if self._config is None:
@@ -118,9 +120,24 @@ class RenewalManager:
         if stop is not None:
             stop()
 
+    def pause(self) -> None:
+        """Start no runs until :meth:`resume`, and end the one under way (this cluster
+        node no longer issues: another one may start certbot for the same names)."""
+        if not self.active:
+            return
+        self.active = False
+        stop = getattr(self._issuer, "stop", None)
+        if stop is not None and self.running is not None:
+            stop()
+
+    def resume(self) -> None:
+        """Runs may start again (this node now issues)."""
+        self.active = True
+        self.kick()
+
     def kick(self) -> None:
         """Start a run for the first due domain, unless one is under way."""
-        if self.running is not None or self._stopped:
+        if self.running is not None or self._stopped or not self.active:
             return
         domain = self._next_due()
         if domain is None:
@@ -165,6 +182,8 @@ class RenewalManager:
             if verdict.outcome == "unresolvable":
                 self._failed(domain, f"{verdict.detail}; the CA was not asked")
                 return
+            if self._stopped or not self.active:
+                return
         state = self._states.get(domain)
         renewing = state is not None and state.context is not None
         log.info(
@@ -176,8 +195,8 @@ class RenewalManager:
         outcome = await self._issuer.issue(
             config.path, config.state_dir, config.acme, domain, renewing
         )
-        if self._stopped:
-            return  # ended by shutdown, not by the CA: nothing to hold against the domain
+        if self._stopped or not self.active:
+            return  # ended by shutdown or a lost lease, not by the CA: nothing to hold against the domain
         if outcome.busy:
             log.info("certbot is busy with another run; {domain} is tried again shortly", domain=domain)
             record = self.records.get(domain)

@@ -39,6 +39,9 @@ from proxy import statedir
 from proxy.access import load_or_create_key
 from proxy.admin import HEALTH_DRAINING, HEALTH_OK, HEALTH_STARTING, AdminSite, HealthSite
 from proxy.certs import AcmeRecords, CertificateState, CertificateView, describe, iso
+from proxy.cluster import ClusterNode, RunBlocking, in_thread_pool
+from proxy.clusterkey import ClusterKey
+from proxy.clusterstore import etcd_store
 from proxy.config import Config, load_config, parse_config
 from proxy.frontend import MAX_CONNECTIONS_PER_LISTENER, Frontend, Runtime, build_runtime
 from proxy.health import health_document
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
     from proxy.cache import ResponseCache
+    from proxy.clusterstore import ClusterStore
     from proxy.preflight import NamesReactor
     from proxy.renewal import Issuer
     from proxy.server import HTTPFactory
@@ -118,6 +122,8 @@ class Management:
         notifier: systemd's notification socket (a silent one by default).
         metrics: this process's metrics.
         issuer: runs certbot for a domain (``issuer.CertbotIssuer`` in production).
+        cluster_store: with ``cluster.etcd``, the shared state (etcd by default).
+        run_blocking: runs a cluster store call off the reactor (its thread pool by default).
     """
 
     def __init__(
@@ -128,6 +134,8 @@ class Management:
         notifier: Notifier | None,
         metrics: Metrics,
         issuer: Issuer,
+        cluster_store: ClusterStore | None = None,
+        run_blocking: RunBlocking | None = None,
     ) -> None:
         self._reactor = reactor
         self._now = now
@@ -147,10 +155,11 @@ class Management:
             now,
             AcmeRecords(config.state_dir),
             issuer,
-            on_issued=self.check_certificates,
+            on_issued=self._issued,
             count=metrics.count_renewal,
         )
         self._preflight = self._preflight_for(config, None)
+        self.cluster = self._join_cluster(config, cluster_store, run_blocking)
         self.admin_site = AdminSite(
             self.health, self.exposition, self.status, self.reload, lambda: self.config.path
         )
@@ -181,6 +190,39 @@ class Management:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ certificates
+
+    def _join_cluster(
+        self, config: Config, store: ClusterStore | None, run_blocking: RunBlocking | None
+    ) -> ClusterNode | None:
+        """With ``cluster.etcd``: this node's part, and no certbot until it is elected.
+
+        Raises:
+            ClusterKeyError: the cluster secret is missing, unsafe or too short.
+        """
+        settings = config.cluster
+        if settings is None or not settings.etcd:
+            return None
+        assert settings.node is not None  # config fills in the host name
+        node = ClusterNode(
+            self._reactor, settings.node, store or etcd_store(settings),
+            ClusterKey.from_file(settings.secret_file),
+            run_blocking or in_thread_pool(self._reactor), self._now,
+            config=lambda: self.config, records=lambda: self.renewals.records,
+            on_elected=self._elected, on_deposed=self.renewals.pause, on_mirrored=self.check_certificates,
+        )
+        self.renewals.active = False
+        self.metrics.watch_cluster(node)
+        return node
+
+    def _issued(self) -> None:
+        """certbot deployed a certificate: load it, and share it at once on a cluster."""
+        self.check_certificates()
+        if self.cluster is not None:
+            self.cluster.sync_soon()
+
+    def _elected(self) -> None:
+        self.renewals.active = True
+        self._update_renewals()
 
     def _preflight_for(self, config: Config, previous: Config | None) -> Preflight:
         """Keep the resolver while ``resolvers`` stays the same (the system's re-reads
@@ -230,7 +272,7 @@ class Management:
                 },
                 "upstream_health": health.get(name) or health_document(0, 0, None, None),
             }
-        return {
+        document = {
             "config": {
                 "path": config.path,
                 "loaded_at": iso(self.loaded_at),
@@ -238,6 +280,9 @@ class Management:
             },
             "domains": domains,
         }
+        if self.cluster is not None:
+            document["cluster"] = self.cluster.status()
+        return document
 
     # ------------------------------------------------------------------ reload
 
@@ -269,6 +314,8 @@ class Management:
             return [f"{path}: cannot prepare state_dir: {e}"]
         if config.listen != self.config.listen:
             log.warn("listener changes in {config} take effect at the next restart", config=path)
+        if config.cluster != self.config.cluster:
+            log.warn("cluster changes in {config} take effect at the next restart", config=path)
         return config, text
 
     def _accept_reload(self, config: Config) -> None:
@@ -360,6 +407,8 @@ class Management:
     def _start_management(self) -> None:
         """Once serving: the certificate check, the watchdog, READY=1."""
         self._every(CERTIFICATE_CHECK_INTERVAL, self.check_certificates)
+        if self.cluster is not None:
+            self.cluster.start()
         if self.notifier.watchdog_interval:
             self._every(self.notifier.watchdog_interval, self._watchdog)
         self.ready = True
@@ -376,9 +425,10 @@ class Management:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
+        leaving = [self.cluster.stop()] if self.cluster is not None else []
         # maybeDeferred flattens the Deferred stopListening may return (its overloads cannot say so).
-        return [cast("defer.Deferred[None]", defer.maybeDeferred(p.stopListening))
-                for ps in self.ports.values() for p in ps]
+        return leaving + [cast("defer.Deferred[None]", defer.maybeDeferred(p.stopListening))
+                          for ps in self.ports.values() for p in ps]
 
 
 class ProxyService(Management):
@@ -404,8 +454,11 @@ class ProxyService(Management):
         now: Callable[[], datetime.datetime] = utc_now,
         notifier: Notifier | None = None,
         metrics: Metrics | None = None,
+        cluster_store: ClusterStore | None = None,
+        run_blocking: RunBlocking | None = None,
     ) -> None:
-        super().__init__(reactor, config, now, notifier, metrics or new_metrics(), issuer)
+        super().__init__(reactor, config, now, notifier, metrics or new_metrics(), issuer,
+                         cluster_store, run_blocking)
         self.frontend = Frontend(reactor, config, self.metrics, now, self.access_key, out)
 
     # What tests and the admin read of the serving half.

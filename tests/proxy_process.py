@@ -58,11 +58,7 @@ class ProxyProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` lines the proxy wrote to stdout and stderr."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def mark_log(self) -> None:
         """Remember where the log ends, for :meth:`log_since_mark`."""
@@ -86,6 +82,15 @@ class ProxyProcess:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a child process's log, for a failure message."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def stop_process(process: subprocess.Popen[Any]) -> None:

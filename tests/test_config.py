@@ -1538,8 +1538,14 @@ def test_the_balancer_keys_are_read():
     ("listen: {health: ['tcp:abc']}\n", 1, 19, "listen.health[0]: "),
     ("cluster: {prefix: trackproxy}\n", 1, 19, "cluster.prefix must start with /"),
     ("cluster: {etcd: ['ftp://10.0.0.5']}\n", 1, 18, "is not an etcd endpoint"),
-    ("cluster: {etcd: ['https://10.0.0.5:2379']}\n", 1, 11, "cluster.etcd: several nodes sharing certificates"),
-], ids=["bad-cidr", "zero-timeout", "typo", "bad-duration", "bad-endpoint", "prefix", "etcd-url", "etcd-refused"])
+    ("cluster: {etcd: ['https://10.0.0.5:2379'], secret_file: /nonexistent/cluster.key}\n", 1, 57,
+     "cluster.secret_file: no such file '/nonexistent/cluster.key'"),
+    ("cluster: {etcd: ['https://10.0.0.5:2379']}\n", 1, 11, "cluster.secret_file: no such file '/etc/trackproxy/cluster.key'"),
+    ("cluster: {node: 'node a'}\n", 1, 17, "cluster.node: 'node a' is not a node name"),
+    ("cluster: {cert: " + __file__ + "}\n", 1, 11, "cluster.cert and cluster.key go together"),
+    ("cluster: {lease: 10s}\n", 1, 11, "unknown key 'lease'"),
+], ids=["bad-cidr", "zero-timeout", "typo", "bad-duration", "bad-endpoint", "prefix", "etcd-url", "no-secret",
+        "no-default-secret", "node-name", "cert-without-key", "unknown-key"])
 def test_the_balancer_keys_are_checked_with_positions(text, line, column, message):
     error = only_error(text + ONE_DOMAIN)
     assert (error.line, error.column) == (line, column) and message in error.message, str(error)
@@ -1549,3 +1555,16 @@ def test_a_cluster_section_without_etcd_is_read_and_changes_nothing():
     config = parse("cluster: {prefix: /tp/eu, node: node-a}\n" + ONE_DOMAIN)
     assert config.cluster is not None and (config.cluster.prefix, config.cluster.node) == ("/tp/eu", "node-a")
     assert config.cluster.etcd == ()
+
+
+def test_a_cluster_is_read_with_the_host_name_as_its_node_by_default(tmp_path):
+    secret = tmp_path / "cluster.key"
+    secret.write_text("x" * 44)
+    config = parse(
+        f"cluster: {{etcd: ['http://127.0.0.1:2379', 'https://10.0.0.6:2379'], secret_file: {secret}}}\n"
+        + ONE_DOMAIN
+    )
+    assert config.cluster is not None
+    assert config.cluster.etcd == ("http://127.0.0.1:2379", "https://10.0.0.6:2379")
+    assert config.cluster.secret_file == str(secret) and config.cluster.prefix == "/trackproxy/default"
+    assert config.cluster.node and config.cluster.node.replace("-", "").replace(".", "").replace("_", "").isalnum()

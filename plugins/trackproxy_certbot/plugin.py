@@ -2,7 +2,9 @@
 
 This module owns what certbot does to a trackproxy box, and nothing else:
 
-- ``perform``/``cleanup`` write and remove ``STATE_DIR/acme-challenge/TOKEN`` files;
+- ``perform``/``cleanup`` write and remove ``STATE_DIR/acme-challenge/TOKEN`` files, and
+  on a cluster (``cluster.etcd``) the same answers in etcd, for whichever node the CA's
+  request reaches;
 - ``deploy_cert``/``renew_deploy`` copy a lineage's key and full chain into
   ``STATE_DIR/certs/DOMAIN/{privkey,fullchain}.pem``, each file replaced atomically;
 - ``restart`` first installs any lineage in certbot's ``live/DOMAIN/`` newer than what
@@ -17,7 +19,8 @@ here (through ``proxy.config``, which is pure), never edited.
 
 certbot imports every plugin at start-up and an import error breaks all of its commands,
 so this module imports neither Twisted nor anything of ``proxy`` but its config reader and
-``proxy.statedir`` (the directory layout and the atomic write, both standard library only).
+``proxy.statedir`` (the directory layout and the atomic write, both standard library only),
+and ``proxy.clusterstore`` (etcd, no Twisted) only on a cluster, when it is needed.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
             self._require_domain(config, _name_of(achall))
         directory = statedir.challenge_dir(config.state_dir)
         owner = _ensure_dirs(config.state_dir, (directory, statedir.CHALLENGES_MODE))
+        store = _cluster_store(config)
         responses = []
         for achall in achalls:
             response, validation = achall.response_and_validation()
@@ -122,17 +126,23 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
                 statedir.write_atomically(path, answer, _CHALLENGE_FILE_MODE, owner)
             except OSError as e:
                 raise errors.PluginError(f"cannot write the challenge answer: {e}") from e
+            if store is not None:
+                _share_token(store, _token_of(achall), _name_of(achall), answer)
             responses.append(response)
         return responses
 
     def cleanup(self, achalls: list[achallenges.AnnotatedChallenge]) -> None:
         """Remove the answers ``perform`` wrote; one already gone is fine."""
-        directory = statedir.challenge_dir(self._loaded_config().state_dir)
+        config = self._loaded_config()
+        directory = statedir.challenge_dir(config.state_dir)
+        store = _cluster_store(config)
         for achall in achalls:
             try:
                 os.unlink(os.path.join(directory, _token_of(achall)))
             except FileNotFoundError:
                 pass
+            if store is not None:
+                _unshare_token(store, _token_of(achall))
 
     def auth_hint(self, failed_achalls: list[achallenges.AnnotatedChallenge]) -> str:
         names = sorted({achall.identifier.value for achall in failed_achalls})
@@ -418,3 +428,36 @@ def _describe_failure(body: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         pass
     return body.decode("utf-8", "replace").strip() or "(empty answer)"
+
+
+# -- a cluster: tokens in etcd too, for the node the CA's request reaches
+
+
+def _cluster_store(config: Config) -> Any:
+    """The cluster's etcd (``proxy.clusterstore.EtcdStore``), or None for a single node."""
+    if config.cluster is None or not config.cluster.etcd:
+        return None
+    from proxy.clusterstore import etcd_store  # only on a cluster: a single node needs no etcd client
+
+    return etcd_store(config.cluster)
+
+
+def _share_token(store: Any, token: str, domain: str, answer: bytes) -> None:
+    from proxy.clusterstore import StoreError, publish_token
+
+    try:
+        publish_token(store, token, domain, answer)
+    except StoreError as e:
+        raise errors.PluginError(
+            f"cannot store the challenge answer in the cluster's etcd ({e}); the CA's request "
+            "may reach another node, which would not have it"
+        ) from e
+
+
+def _unshare_token(store: Any, token: str) -> None:
+    from proxy.clusterstore import StoreError
+
+    try:
+        store.delete("tokens", token)
+    except StoreError as e:  # it expires with its lease anyway
+        logger.warning("could not remove challenge token from etcd: %s", e)

@@ -1,0 +1,459 @@
+"""One node of a cluster: the issuer election, and certificates shared through etcd.
+
+Every ``SYNC_INTERVAL`` a node, in this order:
+
+1. keeps its lease alive (or gets a new one: a lease that expired means it was cut off or
+   paused, and if it issued, it no longer does);
+2. mirrors what changed in etcd since the last sync: certificates newer than its own are
+   written into ``state_dir/certs/DOMAIN/`` with the same atomic writes certbot's plugin
+   uses, then loaded as any changed file is; back-off records replace its own;
+3. campaigns for the issuer key (it stays with whoever holds it until that lease ends);
+4. if it issues: publishes its own certificates that are newer than etcd's, and its
+   back-off records, each write fenced by its tenure (``clusterstore``);
+5. now and then, reports itself under ``nodes/`` for ``trackproxy status``.
+
+Only the issuer runs the certificate manager (``renewal``): the caller's ``on_elected``
+and ``on_deposed`` start and stop it. Serving never waits for etcd: the store is asked in
+a thread (``run_blocking``), a failed sync only changes what ``status`` says, and the
+certificates on disk keep serving. An issuer that cannot renew its lease stops issuing
+before the lease can have run out, so two certbots never run at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, cast
+
+import attrs
+from cryptography import x509
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from proxy import statedir
+from proxy.certs import AcmeRecord, AcmeRecords, fingerprints, iso
+from proxy.clusterkey import ClusterKey, ClusterKeyError
+from proxy.clusterstore import ClusterStore, Leader, StoreError, StoreUnreachable
+from proxy.config import Config
+from proxy.tls import CertificateLoadError, parse_pair, read_pair
+
+log = Logger(namespace="trackproxy.cluster")
+
+#: The issuer lease: a node that stops renewing it (dead, paused, cut off) is replaced
+#: this long after its last renewal.
+LEASE_TTL = 10
+SYNC_INTERVAL = 2.0
+#: How often a node writes its ``nodes/NODE`` report (and reads the others').
+REPORT_INTERVAL = 10.0
+
+T = TypeVar("T")
+
+
+class RunBlocking(Protocol):
+    """Runs a blocking call off the reactor thread (``threads.deferToThreadPool``)."""
+
+    def __call__(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        ...
+
+
+@attrs.frozen
+class SharedCertificate:
+    """A certificate as etcd holds it (``certs/DOMAIN``)."""
+
+    fullchain: bytes
+    sealed_key: str
+    not_after: float
+    serial: str
+    node: str
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.fullchain).digest()
+
+    def encode(self) -> bytes:
+        return json.dumps({
+            "fullchain": self.fullchain.decode("ascii"), "key": self.sealed_key,
+            "not_after": self.not_after, "serial": self.serial, "node": self.node,
+        }).encode("utf-8")
+
+    @classmethod
+    def decode(cls, value: bytes) -> SharedCertificate | None:
+        try:
+            raw = json.loads(value)
+            return cls(raw["fullchain"].encode("ascii"), str(raw["key"]), float(raw["not_after"]),
+                       str(raw["serial"]), str(raw["node"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+
+@attrs.frozen
+class LocalCertificate:
+    """What ``state_dir/certs/DOMAIN/`` holds, as far as the cluster compares it."""
+
+    files: tuple[tuple[str, tuple[int, int, int]], ...]
+    digest: bytes
+    not_after: float
+
+
+def encode_record(record: AcmeRecord) -> bytes:
+    return json.dumps(attrs.asdict(record), sort_keys=True).encode("utf-8")
+
+
+def decode_record(value: bytes) -> AcmeRecord | None:
+    try:
+        raw = json.loads(value)
+        next_attempt = raw.get("next_attempt")
+        last_error = raw.get("last_error")
+        return AcmeRecord(
+            failures=int(raw.get("failures", 0)),
+            last_error=None if last_error is None else str(last_error),
+            next_attempt=None if next_attempt is None else float(next_attempt),
+            unavailable=bool(raw.get("unavailable", False)),
+        )
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+class ClusterNode:
+    """This node's part in the cluster (README "Running several nodes").
+
+    Args:
+        clock: schedules the syncs and tells how long ago the lease was renewed.
+        node: this node's name (``cluster.node``).
+        store: the shared state (``clusterstore.EtcdStore``), called through ``run_blocking``.
+        key: seals and opens private keys.
+        run_blocking: runs a store call off the reactor thread.
+        now: the wall clock (for ``last_sync``).
+        config: the configuration now (it changes on reload).
+        records: this node's ACME back-off records (``renewals.records``).
+        on_elected, on_deposed: start and stop the certificate manager.
+        on_mirrored: certificate files were written: load them.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        node: str,
+        store: ClusterStore,
+        key: ClusterKey,
+        run_blocking: RunBlocking,
+        now: Callable[[], datetime.datetime],
+        config: Callable[[], Config],
+        records: Callable[[], AcmeRecords],
+        on_elected: Callable[[], None],
+        on_deposed: Callable[[], None],
+        on_mirrored: Callable[[], None],
+    ) -> None:
+        self.node = node
+        self._clock = clock
+        self._store = store
+        self._key = key
+        self._run = run_blocking
+        self._now = now
+        self._config = config
+        self._records = records
+        self._on_elected = on_elected
+        self._on_deposed = on_deposed
+        self._on_mirrored = on_mirrored
+        #: Who issues, as last read (None: nobody, or not known yet).
+        self.issuer: str | None = None
+        #: "ok", "unreachable", "error" (etcd refused a request), or "unknown" before the first sync.
+        self.store_state = "unknown"
+        self.store_error: str | None = "not synced yet"
+        self.last_sync: datetime.datetime | None = None
+        #: The other nodes' reports (``nodes/NODE``), by name.
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self._lease: int | None = None
+        self._renewed_at = 0.0
+        self._tenure: Leader | None = None
+        self._revisions = {"certs": 0, "acme": 0}
+        self._shared: dict[str, SharedCertificate] = {}
+        self._local: dict[str, LocalCertificate] = {}
+        self._published_records: dict[str, AcmeRecord] = {}
+        self._reported_at: float | None = None
+        self._syncing: defer.Deferred[None] | None = None
+        self._again = False
+        self._stopped = False
+        self._loop = LoopingCall(self.sync_soon)
+        self._loop.clock = clock
+
+    @property
+    def is_issuer(self) -> bool:
+        return self._tenure is not None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        self._loop.start(SYNC_INTERVAL, now=True)
+
+    def stop(self) -> defer.Deferred[None]:
+        """Stop syncing; an issuer gives its lease back so another node takes over at once."""
+        self._stopped = True
+        if self._loop.running:
+            self._loop.stop()
+        if self._tenure is not None:
+            self._step_down("this node is stopping")
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return defer.succeed(None)
+        d = self._run(self._store.revoke, lease)
+        d.addErrback(lambda f: log.warn("could not give the cluster lease back: {error}",
+                                        error=f.getErrorMessage()))
+        return d.addCallback(lambda _: None)
+
+    def sync_soon(self) -> defer.Deferred[None] | None:
+        """Sync now, or right after the sync under way."""
+        if self._stopped:
+            return None
+        if self._syncing is not None:
+            self._again = True
+            return self._syncing
+        self._syncing = defer.ensureDeferred(self._sync())
+        self._syncing.addBoth(self._synced)
+        return self._syncing
+
+    def _synced(self, result: object) -> None:
+        self._syncing = None
+        if isinstance(result, Failure):
+            log.failure("cluster sync crashed", result)
+        if self._again:
+            self._again = False
+            self.sync_soon()
+
+    # ------------------------------------------------------------------ one sync
+
+    async def _sync(self) -> None:
+        try:
+            await self._hold_lease()
+            changed = await self._mirror()
+            await self._elect()
+            if self._tenure is not None:
+                await self._publish()
+            await self._report()
+        except StoreError as e:
+            self._unreachable(e)
+            return
+        if self.store_state == "unknown":
+            log.info("node {node} joined the cluster through etcd", node=self.node)
+        elif self.store_state != "ok":
+            log.info("cluster store reachable again (etcd); node {node}", node=self.node)
+        self.store_state, self.store_error = "ok", None
+        self.last_sync = self._now()
+        if changed:
+            self._on_mirrored()
+
+    def _unreachable(self, error: StoreError) -> None:
+        if self.store_state in ("ok", "unknown") or self.store_error != str(error):
+            log.error("cluster store: {error}; serving goes on with the certificates on disk",
+                      error=str(error))
+        self.store_state = "unreachable" if isinstance(error, StoreUnreachable) else "error"
+        self.store_error = str(error)
+        if self._tenure is not None and self._clock.seconds() - self._renewed_at >= LEASE_TTL - 2 * SYNC_INTERVAL:
+            # Stop before the lease can have expired in etcd, where another node then takes over.
+            self._step_down("its lease could not be renewed")
+
+    async def _hold_lease(self) -> None:
+        if self._lease is not None:
+            started = self._clock.seconds()
+            if await self._run(self._store.keepalive, self._lease):
+                self._renewed_at = started
+                return
+            log.warn("cluster lease of node {node} expired", node=self.node)
+            self._lease = None
+            if self._tenure is not None:
+                self._step_down("its lease expired")
+        started = self._clock.seconds()
+        self._lease = await self._run(self._store.grant, LEASE_TTL)
+        self._renewed_at = started
+
+    async def _elect(self) -> None:
+        lease = self._lease
+        assert lease is not None
+        leader = await self._run(self._store.campaign, self.node, lease)
+        ours = leader.node == self.node and leader.lease == lease
+        if ours and self._tenure is None:
+            self._tenure = leader
+            log.info("node {node} now issues certificates for the cluster", node=self.node)
+            self._on_elected()
+        elif not ours and self._tenure is not None:
+            self._step_down(f"{leader.node or 'nobody'} holds the issuer key")
+        self.issuer = leader.node or None
+
+    def _step_down(self, why: str) -> None:
+        self._tenure = None
+        if self.issuer == self.node:
+            self.issuer = None
+        log.warn("node {node} stops issuing certificates: {why}", node=self.node, why=why)
+        self._on_deposed()
+
+    # ------------------------------------------------------------------ etcd -> disk
+
+    async def _mirror(self) -> bool:
+        """Take what changed in etcd; True if certificate files were written."""
+        entries, self._revisions["certs"] = await self._run(
+            self._store.changed_since, "certs", self._revisions["certs"])
+        for entry in entries:
+            shared = SharedCertificate.decode(entry.value)
+            if shared is None:
+                log.error("cluster store: certs/{domain} is not a certificate record; ignored", domain=entry.name)
+                continue
+            self._shared[entry.name] = shared
+        records, self._revisions["acme"] = await self._run(
+            self._store.changed_since, "acme", self._revisions["acme"])
+        if self._tenure is None:  # the issuer's own records are the newest
+            for entry in records:
+                record = decode_record(entry.value)
+                if record is not None:
+                    self._records().set(entry.name, record)
+                    self._published_records[entry.name] = record
+        written = False
+        for domain in self._acme_domains():
+            shared = self._shared.get(domain)
+            if shared is not None and self._is_newer(shared, self.local_certificate(domain)):
+                written |= self._write(domain, shared)
+        return written
+
+    @staticmethod
+    def _is_newer(shared: SharedCertificate, local: LocalCertificate | None) -> bool:
+        if local is None:
+            return True
+        return shared.digest != local.digest and shared.not_after >= local.not_after
+
+    def _write(self, domain: str, shared: SharedCertificate) -> bool:
+        config = self._config()
+        try:
+            private_key = self._key.open(domain, shared.sealed_key)
+        except ClusterKeyError as e:
+            log.error("{error}; {domain} keeps its certificate", error=str(e), domain=domain)
+            return False
+        directory = statedir.domain_cert_dir(config.state_dir, domain)
+        try:
+            os.makedirs(directory, mode=statedir.CERTS_MODE, exist_ok=True)
+            statedir.write_atomically(os.path.join(directory, statedir.PRIVKEY), private_key, 0o600)
+            statedir.write_atomically(os.path.join(directory, statedir.FULLCHAIN), shared.fullchain, 0o644)
+        except OSError as e:
+            log.error("cannot write the certificate for {domain} from the cluster: {error}",
+                      domain=domain, error=e.strerror or str(e))
+            return False
+        log.info("certificate for {domain} (serial {serial}, issued through node {issuer}) "
+                 "taken from the cluster", domain=domain, serial=shared.serial, issuer=shared.node)
+        return True
+
+    # ------------------------------------------------------------------ disk -> etcd (issuer)
+
+    async def _publish(self) -> None:
+        tenure = self._tenure
+        assert tenure is not None
+        for domain in self._acme_domains():
+            local = self.local_certificate(domain)
+            shared = self._shared.get(domain)
+            if local is None or (shared is not None and
+                                 (shared.digest == local.digest or shared.not_after >= local.not_after)):
+                continue
+            record = self._shareable(domain)
+            if record is None:
+                continue
+            if not await self._run(self._store.put_fenced, "certs", domain, record.encode(), tenure.fence):
+                self._step_down("another node holds the issuer key (write refused)")
+                return
+            self._shared[domain] = record
+            log.info("certificate for {domain} (serial {serial}) shared with the cluster",
+                     domain=domain, serial=record.serial)
+        records = self._records()
+        for domain in self._acme_domains():
+            attempts = records.get(domain)
+            if self._published_records.get(domain, AcmeRecord()) == attempts:
+                continue
+            if not await self._run(self._store.put_fenced, "acme", domain, encode_record(attempts), tenure.fence):
+                self._step_down("another node holds the issuer key (write refused)")
+                return
+            self._published_records[domain] = attempts
+
+    def _shareable(self, domain: str) -> SharedCertificate | None:
+        """The domain's files as a record for etcd, if they are a valid pair."""
+        directory = statedir.domain_cert_dir(self._config().state_dir, domain)
+        paths = (os.path.join(directory, statedir.FULLCHAIN), os.path.join(directory, statedir.PRIVKEY))
+        try:
+            data = read_pair(*paths)
+            certified = parse_pair(data, *paths)
+        except (CertificateLoadError, OSError, ValueError) as e:
+            log.warn("the certificate for {domain} is not shared: {error}", domain=domain, error=str(e))
+            return None
+        leaf = x509.load_pem_x509_certificate(data[0])
+        return SharedCertificate(
+            fullchain=data[0], sealed_key=self._key.seal(domain, data[1]),
+            not_after=certified.not_after.timestamp(), serial=f"{leaf.serial_number:x}", node=self.node,
+        )
+
+    # ------------------------------------------------------------------ reports
+
+    async def _report(self) -> None:
+        now = self._clock.seconds()
+        if self._reported_at is not None and now - self._reported_at < REPORT_INTERVAL:
+            return
+        self._reported_at = now
+        report = {"node": self.node, "issuer": self.is_issuer, "store": "ok", "last_sync": iso(self._now())}
+        await self._run(self._store.put, "nodes", self.node, json.dumps(report).encode("utf-8"), None)
+        entries, _ = await self._run(self._store.changed_since, "nodes", 0)
+        nodes = {}
+        for entry in entries:
+            try:
+                nodes[entry.name] = dict(json.loads(entry.value))
+            except (ValueError, TypeError):
+                continue
+        self.nodes = nodes
+
+    def status(self) -> dict[str, Any]:
+        """``/status``'s ``cluster`` object (README "Running several nodes")."""
+        nodes = {name: {"last_sync": doc.get("last_sync"), "issuer": name == self.issuer}
+                 for name, doc in sorted(self.nodes.items())}
+        nodes[self.node] = {"last_sync": iso(self.last_sync), "issuer": self.is_issuer}
+        return {
+            "node": self.node,
+            "issuer": self.issuer,
+            "store": self.store_state if self.store_state == "ok" else "unreachable",
+            "last_sync": iso(self.last_sync),
+            "store_error": self.store_error,
+            "nodes": dict(sorted(nodes.items())),
+        }
+
+    # ------------------------------------------------------------------ helpers
+
+    def _acme_domains(self) -> list[str]:
+        return sorted(d.name for d in self._config().domains.values() if d.certificate.kind == "acme")
+
+    def local_certificate(self, domain: str) -> LocalCertificate | None:
+        """The domain's deployed chain, read again only when its files changed."""
+        directory = statedir.domain_cert_dir(self._config().state_dir, domain)
+        files = fingerprints((os.path.join(directory, statedir.FULLCHAIN), os.path.join(directory, statedir.PRIVKEY)))
+        known = self._local.get(domain)
+        if known is not None and known.files == files:
+            return known
+        if files[0][1] == (0, 0, 0):
+            self._local.pop(domain, None)
+            return None
+        try:
+            with open(files[0][0], "rb") as f:
+                chain = f.read()
+            not_after = x509.load_pem_x509_certificate(chain).not_valid_after_utc.timestamp()
+        except (OSError, ValueError):
+            self._local.pop(domain, None)
+            return None
+        local = LocalCertificate(files, hashlib.sha256(chain).digest(), not_after)
+        self._local[domain] = local
+        return local
+
+
+def in_thread_pool(reactor: IReactorTime) -> RunBlocking:
+    """Blocking calls on the reactor's thread pool (the reactor is Twisted's: it has one)."""
+    def run(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        pooled = cast(IReactorThreads, reactor)
+        return threads.deferToThreadPool(pooled, pooled.getThreadPool(), function, *args)
+
+    return run
