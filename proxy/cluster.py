@@ -76,6 +76,10 @@ class SharedCertificate:
     def digest(self) -> bytes:
         return hashlib.sha256(self.fullchain).digest()
 
+    @property
+    def summary(self) -> SharedSummary:
+        return SharedSummary(self.digest, self.not_after, self.serial)
+
     def encode(self) -> bytes:
         return json.dumps({
             "fullchain": self.fullchain.decode("ascii"), "key": self.sealed_key,
@@ -90,6 +94,16 @@ class SharedCertificate:
                        str(raw["serial"]), str(raw["node"]))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+@attrs.frozen
+class SharedSummary:
+    """What a node remembers of a shared certificate between syncs: enough to tell whether
+    its own is older (the chain and key are fetched again when they are needed)."""
+
+    digest: bytes
+    not_after: float
+    serial: str
 
 
 @attrs.frozen
@@ -173,7 +187,10 @@ class ClusterNode:
         self._renewed_at = 0.0
         self._tenure: Leader | None = None
         self._revisions = {"certs": 0, "acme": 0}
-        self._shared: dict[str, SharedCertificate] = {}
+        self._shared: dict[str, SharedSummary] = {}
+        #: (domain, digest) of shared certificates this node could not take (another
+        #: secret, a full disk): not fetched again until etcd holds a different one.
+        self._refused: set[tuple[str, bytes]] = set()
         self._local: dict[str, LocalCertificate] = {}
         self._published_records: dict[str, AcmeRecord] = {}
         self._reported_at: float | None = None
@@ -298,12 +315,14 @@ class ClusterNode:
         """Take what changed in etcd; True if certificate files were written."""
         entries, self._revisions["certs"] = await self._run(
             self._store.changed_since, "certs", self._revisions["certs"])
+        fresh = {}
         for entry in entries:
             shared = SharedCertificate.decode(entry.value)
             if shared is None:
                 log.error("cluster store: certs/{domain} is not a certificate record; ignored", domain=entry.name)
                 continue
-            self._shared[entry.name] = shared
+            self._shared[entry.name] = shared.summary
+            fresh[entry.name] = shared
         records, self._revisions["acme"] = await self._run(
             self._store.changed_since, "acme", self._revisions["acme"])
         if self._tenure is None:  # the issuer's own records are the newest
@@ -314,13 +333,27 @@ class ClusterNode:
                     self._published_records[entry.name] = record
         written = False
         for domain in self._acme_domains():
-            shared = self._shared.get(domain)
-            if shared is not None and self._is_newer(shared, self.local_certificate(domain)):
-                written |= self._write(domain, shared)
+            summary = self._shared.get(domain)
+            if summary is None or (domain, summary.digest) in self._refused:
+                continue
+            if not self._is_newer(summary, self.local_certificate(domain)):
+                continue
+            shared = fresh.get(domain) or await self._fetch(domain)
+            if shared is None:
+                continue
+            if self._write(domain, shared):
+                written = True
+            else:
+                self._refused.add((domain, shared.digest))
         return written
 
+    async def _fetch(self, domain: str) -> SharedCertificate | None:
+        """A shared certificate seen in an earlier sync (its domain was configured since)."""
+        value = await self._run(self._store.get, "certs", domain)
+        return SharedCertificate.decode(value) if value is not None else None
+
     @staticmethod
-    def _is_newer(shared: SharedCertificate, local: LocalCertificate | None) -> bool:
+    def _is_newer(shared: SharedSummary, local: LocalCertificate | None) -> bool:
         if local is None:
             return True
         return shared.digest != local.digest and shared.not_after >= local.not_after
@@ -362,7 +395,7 @@ class ClusterNode:
             if not await self._run(self._store.put_fenced, "certs", domain, record.encode(), tenure.fence):
                 self._step_down("another node holds the issuer key (write refused)")
                 return
-            self._shared[domain] = record
+            self._shared[domain] = record.summary
             log.info("certificate for {domain} (serial {serial}) shared with the cluster",
                      domain=domain, serial=record.serial)
         records = self._records()

@@ -144,15 +144,23 @@ class EtcdStore:
         key: str | None = None,
         timeout: float = REQUEST_TIMEOUT,
     ) -> None:
+        import requests
         from etcd3gw.client import Etcd3Client  # not at import: the plugin loads without it
 
         self.prefix = prefix.rstrip("/").encode("utf-8") + b"/"
+        # The YAML alone says whom to trust and how to reach etcd: requests would otherwise
+        # let REQUESTS_CA_BUNDLE override ca_file, and route through an *_proxy variable.
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = ca_file if ca_file is not None else True
+        if cert is not None and key is not None:
+            session.cert = (cert, key)
         self._clients = []
         for url in endpoints:
             parts = urlsplit(url)
             self._clients.append(Etcd3Client(
                 host=parts.hostname or "", port=parts.port or 2379, protocol=parts.scheme,
-                ca_cert=ca_file, cert_cert=cert, cert_key=key, timeout=timeout, api_path="/v3/",
+                timeout=timeout, api_path="/v3/", session=session,
             ))
         self._endpoints = endpoints
         self._current = 0
@@ -269,8 +277,9 @@ class EtcdStore:
 
 
 def _reason(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200]
+    """One line: etcd3gw keeps its message in ``detail_text``, not in ``str()``."""
+    text = str(getattr(error, "detail_text", None) or error).strip()
+    return (text.splitlines()[0][:300] if text else "") or type(error).__name__
 
 
 def etcd_store(settings: Any) -> EtcdStore:

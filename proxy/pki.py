@@ -128,8 +128,11 @@ class Authority:
         not_after: datetime.datetime,
         ips: Sequence[str] = (),
         extra_names: Sequence[str] = (),
+        client: bool = False,
     ) -> tuple[x509.Certificate, PrivateKey]:
-        """A server certificate for ``name`` (and ``extra_names``, ``ips``) signed by this CA."""
+        """A server certificate for ``name`` (and ``extra_names``, ``ips``) signed by this CA;
+        with ``client``, one for TLS client authentication as well (etcd's clients)."""
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
         key = new_key()
         ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         cert = (
@@ -143,7 +146,7 @@ class Authority:
             .add_extension(_subject_alt_names([name, *extra_names], ips), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_LEAF_USAGE, critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())

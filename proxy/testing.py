@@ -61,9 +61,10 @@ class LocalCA:
         self.cert_path = directory / "ca.pem"
         self.cert_path.write_bytes(pki.cert_pem(self.certificate))
 
-    def issue(self, host: str, ip: str | None = None, days: float = 10) -> tuple[Path, Path]:
+    def issue(self, host: str, ip: str | None = None, days: float = 10, client: bool = False) -> tuple[Path, Path]:
         """A server certificate for ``host`` (and the address ``ip``, if given) signed by
-        this CA, valid from an hour ago for ``days``.
+        this CA, valid from an hour ago for ``days``; with ``client``, good for TLS client
+        authentication too.
 
         Returns:
             The certificate file (the leaf alone: the root is the trust anchor, so the
@@ -71,7 +72,8 @@ class LocalCA:
         """
         now = datetime.datetime.now(datetime.UTC)
         cert, key = self._authority.issue(
-            host, now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days), ips=[ip] if ip else ()
+            host, now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days), ips=[ip] if ip else (),
+            client=client,
         )
         cert_path = self.directory / f"{host}.pem"
         key_path = self.directory / f"{host}.key"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -15,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from proxy.testing import LocalCA
 
 from proxy_process import LOOPBACK, free_port, log_tail, stop_process
 
@@ -32,10 +35,23 @@ def require_etcd() -> None:
 
 
 class EtcdServer:
-    """One etcd member; ``url`` is its client endpoint (``cluster.etcd``)."""
+    """One etcd member; ``url`` is its client endpoint (``cluster.etcd``). With ``ca``,
+    it serves TLS with a certificate from that CA and requires a client certificate from
+    it too (:attr:`client_cert`, :attr:`client_key`)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ca: LocalCA | None = None) -> None:
         self.directory = directory
+        self.ca = ca
+        self.client_cert: Path | None = None
+        self.client_key: Path | None = None
+        self._tls: list[str] = []
+        if ca is not None:
+            # client=True for the server too: etcd's JSON gateway dials etcd's own gRPC
+            # port with the server's certificate as its client certificate.
+            server_cert, server_key = ca.issue("etcd-server", ip=LOOPBACK, client=True)
+            self.client_cert, self.client_key = ca.issue("etcd-client", client=True)
+            self._tls = ["--cert-file", str(server_cert), "--key-file", str(server_key),
+                         "--client-cert-auth", "--trusted-ca-file", str(ca.cert_path)]
         self.client_port = free_port()
         self.peer_port = free_port()
         while self.peer_port == self.client_port:
@@ -45,7 +61,7 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.client_port}"
+        return f"{'https' if self.ca else 'http'}://{LOOPBACK}:{self.client_port}"
 
     def start(self, ready_within: float = 20.0) -> EtcdServer:
         require_etcd()
@@ -56,7 +72,8 @@ class EtcdServer:
                 [ETCD, "--name", "test", "--data-dir", str(self.directory / "data"),
                  "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"test={peer}", "--logger", "zap", "--log-outputs", "stderr"],
+                 "--initial-cluster", f"test={peer}", "--logger", "zap", "--log-outputs", "stderr",
+                 *self._tls],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + ready_within
@@ -70,8 +87,12 @@ class EtcdServer:
         raise RuntimeError(f"etcd did not become healthy within {ready_within}s:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
+        context = None
+        if self.ca is not None:
+            context = ssl.create_default_context(cafile=str(self.ca.cert_path))
+            context.load_cert_chain(str(self.client_cert), str(self.client_key))
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=1) as answer:
+            with urllib.request.urlopen(self.url + "/health", timeout=1, context=context) as answer:
                 return bool(json.load(answer).get("health") == "true")
         except (OSError, ValueError, urllib.error.URLError):
             return False

@@ -33,6 +33,7 @@ from proxy.clusterstore import (
     read_token_record,
 )
 from proxy.config import Config, parse_config
+from proxy.testing import LocalCA
 
 from etcd_server import EtcdServer, require_etcd
 from proxy_process import free_port
@@ -51,12 +52,26 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
 _prefixes = iter(range(1_000_000))
 
 
-@pytest.fixture(params=["memory", "etcd"])
+@pytest.fixture(scope="module")
+def etcd_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """etcd as operators should run it: TLS, and client certificates required."""
+    require_etcd()
+    directory = tmp_path_factory.mktemp("etcd-tls")
+    with EtcdServer(directory, ca=LocalCA(directory / "ca")) as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "etcd", "etcd-tls"])
 def store(request: pytest.FixtureRequest) -> Any:
     if request.param == "memory":
         return MemoryStore()
-    server: EtcdServer = request.getfixturevalue("etcd")
-    return EtcdStore((server.url,), f"/test/{next(_prefixes)}")
+    if request.param == "etcd":
+        server: EtcdServer = request.getfixturevalue("etcd")
+        return EtcdStore((server.url,), f"/test/{next(_prefixes)}")
+    secured: EtcdServer = request.getfixturevalue("etcd_tls")
+    assert secured.ca is not None
+    return EtcdStore((secured.url,), f"/test/{next(_prefixes)}", ca_file=str(secured.ca.cert_path),
+                     cert=str(secured.client_cert), key=str(secured.client_key))
 
 
 # ---------------------------------------------------------------------------
@@ -116,6 +131,13 @@ def test_an_etcd_nobody_listens_on_is_unreachable_and_says_where() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     store = EtcdStore((url,), "/test/down", timeout=1.0)
     with pytest.raises(StoreUnreachable, match=url.replace(".", r"\.")):
+        store.grant(LEASE_TTL)
+
+
+def test_etcd_with_tls_refuses_a_client_without_its_certificate(etcd_tls: EtcdServer) -> None:
+    assert etcd_tls.ca is not None
+    store = EtcdStore((etcd_tls.url,), "/test/nocert", ca_file=str(etcd_tls.ca.cert_path), timeout=1.0)
+    with pytest.raises(StoreUnreachable):
         store.grant(LEASE_TTL)
 
 
@@ -265,6 +287,22 @@ def test_the_issuers_certificate_reaches_the_other_node_with_its_key_sealed(
     assert b.events == ["mirrored"]
     b.sync()
     assert b.events == ["mirrored"], "an unchanged certificate is written once"
+
+
+def test_a_domain_configured_after_its_certificate_was_shared_gets_it(
+    tmp_path: Path, memory: MemoryStore, clock: Clock
+) -> None:
+    a, b = Node("a", tmp_path, memory, clock), Node("b", tmp_path, memory, clock)
+    configured = b.config
+    b.config = parse_config(f"state_dir: {b.state_dir}\ndomains: {{other.example.com: {{}}}}\n", "x.yaml")
+    a.sync()
+    chain = a.deploy(days=90)
+    a.sync()
+    b.sync()
+    assert not b.fullchain.exists()
+    b.config = configured  # a reload added the domain
+    b.sync()
+    assert b.fullchain.read_bytes() == chain
 
 
 def test_a_node_with_another_secret_keeps_what_it_has(tmp_path: Path, memory: MemoryStore, clock: Clock) -> None:
