@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar, cast
 import attrs
 from cryptography import x509
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -185,6 +185,7 @@ class ClusterNode:
         self.nodes: dict[str, dict[str, Any]] = {}
         self._lease: int | None = None
         self._renewed_at = 0.0
+        self._deadline: IDelayedCall | None = None
         self._tenure: Leader | None = None
         self._revisions = {"certs": 0, "acme": 0}
         self._shared: dict[str, SharedSummary] = {}
@@ -271,15 +272,29 @@ class ClusterNode:
                       error=str(error))
         self.store_state = "unreachable" if isinstance(error, StoreUnreachable) else "error"
         self.store_error = str(error)
-        if self._tenure is not None and self._clock.seconds() - self._renewed_at >= LEASE_TTL - 2 * SYNC_INTERVAL:
-            # Stop before the lease can have expired in etcd, where another node then takes over.
-            self._step_down("its lease could not be renewed")
+
+    def _arm_deadline(self) -> None:
+        """An issuer stops issuing ``LEASE_TTL - 2 * SYNC_INTERVAL`` after its last lease
+        renewal unless another renewal comes first: before the lease can have expired in
+        etcd (where another node then takes over), however long a hanging etcd holds the
+        sync up."""
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = self._clock.callLater(
+            max(0.0, self._renewed_at + LEASE_TTL - 2 * SYNC_INTERVAL - self._clock.seconds()), self._expiring)
+
+    def _expiring(self) -> None:
+        self._deadline = None
+        if self._tenure is not None:
+            self._step_down("its lease could not be renewed in time")
 
     async def _hold_lease(self) -> None:
         if self._lease is not None:
             started = self._clock.seconds()
             if await self._run(self._store.keepalive, self._lease):
                 self._renewed_at = started
+                if self._tenure is not None:
+                    self._arm_deadline()
                 return
             log.warn("cluster lease of node {node} expired", node=self.node)
             self._lease = None
@@ -294,8 +309,11 @@ class ClusterNode:
         assert lease is not None
         leader = await self._run(self._store.campaign, self.node, lease)
         ours = leader.node == self.node and leader.lease == lease
+        if self._stopped:
+            return
         if ours and self._tenure is None:
             self._tenure = leader
+            self._arm_deadline()
             log.info("node {node} now issues certificates for the cluster", node=self.node)
             self._on_elected()
         elif not ours and self._tenure is not None:
@@ -304,6 +322,9 @@ class ClusterNode:
 
     def _step_down(self, why: str) -> None:
         self._tenure = None
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         if self.issuer == self.node:
             self.issuer = None
         log.warn("node {node} stops issuing certificates: {why}", node=self.node, why=why)

@@ -388,6 +388,25 @@ def test_an_unreachable_store_changes_only_the_status_and_stops_the_issuer_befor
     a.cluster.stop()
 
 
+def test_an_issuer_whose_store_hangs_steps_down_before_its_lease_ends(
+    tmp_path: Path, memory: MemoryStore, clock: Clock
+) -> None:
+    held = HeldCalls()
+    a = Node("a", tmp_path, memory, clock, run=held)
+    a.cluster.start()
+    assert a.cluster.is_issuer
+    held.hold = "keepalive"  # etcd accepts the connection and never answers
+    clock.advance(SYNC_INTERVAL)
+    assert held.held and a.cluster.is_issuer
+    clock.advance(LEASE_TTL - 3 * SYNC_INTERVAL - 0.1)
+    assert a.cluster.is_issuer
+    clock.advance(0.2)
+    assert not a.cluster.is_issuer and a.events == ["elected", "deposed"]
+    assert clock.seconds() < LEASE_TTL
+    a.cluster.stop()
+    held.release()
+
+
 def test_back_off_records_follow_the_issuer(tmp_path: Path, memory: MemoryStore, clock: Clock) -> None:
     a, b = Node("a", tmp_path, memory, clock), Node("b", tmp_path, memory, clock)
     a.sync()
