@@ -367,3 +367,34 @@ def test_sigterm_to_a_node_under_load_through_haproxy_loses_no_request(cluster: 
     assert node.process.returncode == 0
     failed = [o for o in outcomes if o != 302]
     assert failed == [] and len(outcomes) >= 40, (len(outcomes), failed[:5])
+
+
+def test_a_node_starts_and_serves_with_etcd_down_and_says_so(
+    tmp_path: Path, ca: LocalCA, upstream: UpstreamStandIn
+) -> None:
+    secret = tmp_path / "cluster.key"
+    secret.write_bytes(b"s" * 44)
+    secret.chmod(0o600)
+    node = start_proxy(tmp_path / "alone", {
+        "acme": {"server": f"https://{LOOPBACK}:{free_port()}/dir"},  # never asked: nobody issues
+        "defaults": {"cache_ttl": 0},
+        "upstreams": {"sparkpost": {"connect_to": upstream.address, "ca_file": str(ca.cert_path)}},
+        "cluster": {"etcd": [f"http://{LOOPBACK}:{free_port()}"], "node": "alone", "secret_file": str(secret)},
+        "domains": {BOOT: {"certificate": "self-signed"}, GOOD: {"certificate": "acme"}},
+    })
+    try:
+        path = f"/f/{uuid.uuid4().hex}"
+        with socket.create_connection((LOOPBACK, node.http_port), timeout=5) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {BOOT}\r\nConnection: close\r\n\r\n".encode())
+            answer = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+            answer.begin()
+            assert answer.status == 302
+        view = poll(lambda: (lambda c: c if c["store_error"] != "not synced yet" else None)(cluster_status(node)),
+                    10, "the first sync to fail", interval=0.1)
+        assert (view["store"], view["issuer"], view["last_sync"]) == ("unreachable", None, None)
+        assert "etcd unreachable" in view["store_error"]
+        # Not elected, so no certbot for the acme domain: it waits.
+        assert status(node)["domains"][GOOD]["certificate"]["status"] == "pending"
+        assert renewals({"alone": node}, GOOD) == {"alone": 0}
+    finally:
+        node.stop()
