@@ -31,15 +31,16 @@ from typing import Any, Protocol, TypeVar, cast
 import attrs
 from cryptography import x509
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from proxy import statedir
 from proxy.certs import AcmeRecord, AcmeRecords, fingerprints, iso
 from proxy.clusterkey import ClusterKey, ClusterKeyError
-from proxy.clusterstore import ClusterStore, Leader, StoreError, StoreUnreachable
+from proxy.clusterstore import ClusterStore, Entry, Leader, StoreError, StoreUnreachable
 from proxy.config import Config
 from proxy.tls import CertificateLoadError, parse_pair, read_pair
 
@@ -68,6 +69,7 @@ class SharedCertificate:
 
     fullchain: bytes
     sealed_key: str
+    not_before: float
     not_after: float
     serial: str
     node: str
@@ -78,20 +80,21 @@ class SharedCertificate:
 
     @property
     def summary(self) -> SharedSummary:
-        return SharedSummary(self.digest, self.not_after, self.serial)
+        return SharedSummary(self.digest, self.not_before, self.serial)
 
     def encode(self) -> bytes:
         return json.dumps({
             "fullchain": self.fullchain.decode("ascii"), "key": self.sealed_key,
-            "not_after": self.not_after, "serial": self.serial, "node": self.node,
+            "not_before": self.not_before, "not_after": self.not_after, "serial": self.serial,
+            "node": self.node,
         }).encode("utf-8")
 
     @classmethod
     def decode(cls, value: bytes) -> SharedCertificate | None:
         try:
             raw = json.loads(value)
-            return cls(raw["fullchain"].encode("ascii"), str(raw["key"]), float(raw["not_after"]),
-                       str(raw["serial"]), str(raw["node"]))
+            return cls(raw["fullchain"].encode("ascii"), str(raw["key"]), float(raw["not_before"]),
+                       float(raw["not_after"]), str(raw["serial"]), str(raw["node"]))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -99,10 +102,13 @@ class SharedCertificate:
 @attrs.frozen
 class SharedSummary:
     """What a node remembers of a shared certificate between syncs: enough to tell whether
-    its own is older (the chain and key are fetched again when they are needed)."""
+    its own is older (the chain and key are fetched again when they are needed).
+
+    Newer means issued later (``not_before``), not ending later: a reissue onto a shorter
+    lifetime must replace the longer one, not be replaced by it."""
 
     digest: bytes
-    not_after: float
+    not_before: float
     serial: str
 
 
@@ -112,7 +118,7 @@ class LocalCertificate:
 
     files: tuple[tuple[str, tuple[int, int, int]], ...]
     digest: bytes
-    not_after: float
+    not_before: float
 
 
 def encode_record(record: AcmeRecord) -> bytes:
@@ -189,9 +195,11 @@ class ClusterNode:
         self._tenure: Leader | None = None
         self._revisions = {"certs": 0, "acme": 0}
         self._shared: dict[str, SharedSummary] = {}
-        #: (domain, digest) of shared certificates this node could not take (another
-        #: secret, a full disk): not fetched again until etcd holds a different one.
+        #: (domain, digest) of shared certificates that cannot be taken here (another
+        #: secret, a key that does not match): not fetched again until etcd holds another.
         self._refused: set[tuple[str, bytes]] = set()
+        #: The last disk error per domain, to log each once.
+        self._write_errors: dict[str, str] = {}
         self._local: dict[str, LocalCertificate] = {}
         self._published_records: dict[str, AcmeRecord] = {}
         self._reported_at: float | None = None
@@ -217,6 +225,19 @@ class ClusterNode:
             self._loop.stop()
         if self._tenure is not None:
             self._step_down("this node is stopping")
+        if self._syncing is None:
+            return self._give_lease_back()
+        under_way: defer.Deferred[None] = defer.Deferred()
+        self._syncing.addBoth(self._then, under_way)
+        return under_way.addCallback(lambda _: self._give_lease_back())
+
+    @staticmethod
+    def _then(result: None, after: defer.Deferred[None]) -> None:
+        after.callback(None)
+        return result
+
+    def _give_lease_back(self) -> defer.Deferred[None]:
+        """Once no sync is under way (it might grant a lease after this)."""
         lease, self._lease = self._lease, None
         if lease is None:
             return defer.succeed(None)
@@ -280,8 +301,11 @@ class ClusterNode:
         sync up."""
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
-        self._deadline = self._clock.callLater(
-            max(0.0, self._renewed_at + LEASE_TTL - 2 * SYNC_INTERVAL - self._clock.seconds()), self._expiring)
+        self._deadline = self._clock.callLater(max(0.0, self._deadline_at() - self._clock.seconds()),
+                                               self._expiring)
+
+    def _deadline_at(self) -> float:
+        return self._renewed_at + LEASE_TTL - 2 * SYNC_INTERVAL
 
     def _expiring(self) -> None:
         self._deadline = None
@@ -300,24 +324,34 @@ class ClusterNode:
             self._lease = None
             if self._tenure is not None:
                 self._step_down("its lease expired")
+        if self._stopped:
+            return
         started = self._clock.seconds()
         self._lease = await self._run(self._store.grant, LEASE_TTL)
         self._renewed_at = started
 
     async def _elect(self) -> None:
         lease = self._lease
-        assert lease is not None
+        if lease is None or self._stopped:
+            return
         leader = await self._run(self._store.campaign, self.node, lease)
-        ours = leader.node == self.node and leader.lease == lease
         if self._stopped:
             return
-        if ours and self._tenure is None:
+        ours = leader.node == self.node and leader.lease == lease
+        tenure = self._tenure
+        if tenure is not None and not (ours and leader.fence == tenure.fence):
+            # Someone else's key, or ours deleted and made again: this tenure is over.
+            self._step_down(f"{leader.node or 'nobody'} holds the issuer key")
+        elif ours and tenure is None and self._clock.seconds() < self._deadline_at():
+            # The back-off records the previous issuer wrote up to its last moment.
+            records, _ = await self._run(self._store.changed_since, "acme", 0)
+            self._take_records(records)
+            if self._stopped or self._clock.seconds() >= self._deadline_at():
+                return
             self._tenure = leader
             self._arm_deadline()
             log.info("node {node} now issues certificates for the cluster", node=self.node)
             self._on_elected()
-        elif not ours and self._tenure is not None:
-            self._step_down(f"{leader.node or 'nobody'} holds the issuer key")
         self.issuer = leader.node or None
 
     def _step_down(self, why: str) -> None:
@@ -332,10 +366,18 @@ class ClusterNode:
 
     # ------------------------------------------------------------------ etcd -> disk
 
+    async def _changed(self, kind: str) -> list[Entry]:
+        """What changed under ``kind/`` since the last sync; everything again if etcd's
+        revision went back (restored from a backup), since the old one no longer counts."""
+        entries, revision = await self._run(self._store.changed_since, kind, self._revisions[kind])
+        if revision < self._revisions[kind]:
+            entries, revision = await self._run(self._store.changed_since, kind, 0)
+        self._revisions[kind] = revision
+        return entries
+
     async def _mirror(self) -> bool:
         """Take what changed in etcd; True if certificate files were written."""
-        entries, self._revisions["certs"] = await self._run(
-            self._store.changed_since, "certs", self._revisions["certs"])
+        entries = await self._changed("certs")
         fresh = {}
         for entry in entries:
             shared = SharedCertificate.decode(entry.value)
@@ -344,14 +386,9 @@ class ClusterNode:
                 continue
             self._shared[entry.name] = shared.summary
             fresh[entry.name] = shared
-        records, self._revisions["acme"] = await self._run(
-            self._store.changed_since, "acme", self._revisions["acme"])
+        records = await self._changed("acme")
         if self._tenure is None:  # the issuer's own records are the newest
-            for entry in records:
-                record = decode_record(entry.value)
-                if record is not None:
-                    self._records().set(entry.name, record)
-                    self._published_records[entry.name] = record
+            self._take_records(records)
         written = False
         for domain in self._acme_domains():
             summary = self._shared.get(domain)
@@ -362,11 +399,18 @@ class ClusterNode:
             shared = fresh.get(domain) or await self._fetch(domain)
             if shared is None:
                 continue
-            if self._write(domain, shared):
-                written = True
-            else:
+            outcome = self._write(domain, shared)
+            if outcome == "refused":
                 self._refused.add((domain, shared.digest))
+            written |= outcome == "written"
         return written
+
+    def _take_records(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            record = decode_record(entry.value)
+            if record is not None:
+                self._records().set(entry.name, record)
+                self._published_records[entry.name] = record
 
     async def _fetch(self, domain: str) -> SharedCertificate | None:
         """A shared certificate seen in an earlier sync (its domain was configured since)."""
@@ -375,29 +419,38 @@ class ClusterNode:
 
     @staticmethod
     def _is_newer(shared: SharedSummary, local: LocalCertificate | None) -> bool:
+        """etcd's copy replaces the local one: issued no earlier and different (on a tie
+        etcd's wins, and the issuer does not publish it, so every node ends on one)."""
         if local is None:
             return True
-        return shared.digest != local.digest and shared.not_after >= local.not_after
+        return shared.digest != local.digest and shared.not_before >= local.not_before
 
-    def _write(self, domain: str, shared: SharedCertificate) -> bool:
+    def _write(self, domain: str, shared: SharedCertificate) -> str:
+        """Write a shared pair into ``state_dir``: ``written``, ``refused`` (it will never
+        open or match here: not fetched again) or ``failed`` (the disk: tried next sync)."""
         config = self._config()
         try:
-            private_key = self._key.open(domain, shared.sealed_key)
-        except ClusterKeyError as e:
+            private_key = self._key.open(domain, shared.sealed_key, shared.fullchain)
+            parse_pair((shared.fullchain, private_key), f"etcd certs/{domain}", f"etcd certs/{domain}")
+        except (ClusterKeyError, CertificateLoadError) as e:
             log.error("{error}; {domain} keeps its certificate", error=str(e), domain=domain)
-            return False
+            return "refused"
         directory = statedir.domain_cert_dir(config.state_dir, domain)
         try:
             os.makedirs(directory, mode=statedir.CERTS_MODE, exist_ok=True)
             statedir.write_atomically(os.path.join(directory, statedir.PRIVKEY), private_key, 0o600)
             statedir.write_atomically(os.path.join(directory, statedir.FULLCHAIN), shared.fullchain, 0o644)
         except OSError as e:
-            log.error("cannot write the certificate for {domain} from the cluster: {error}",
-                      domain=domain, error=e.strerror or str(e))
-            return False
+            error = e.strerror or str(e)
+            if self._write_errors.get(domain) != error:
+                log.error("cannot write the certificate for {domain} from the cluster: {error}; "
+                          "tried again at every sync", domain=domain, error=error)
+            self._write_errors[domain] = error
+            return "failed"
+        self._write_errors.pop(domain, None)
         log.info("certificate for {domain} (serial {serial}, issued through node {issuer}) "
                  "taken from the cluster", domain=domain, serial=shared.serial, issuer=shared.node)
-        return True
+        return "written"
 
     # ------------------------------------------------------------------ disk -> etcd (issuer)
 
@@ -408,7 +461,7 @@ class ClusterNode:
             local = self.local_certificate(domain)
             shared = self._shared.get(domain)
             if local is None or (shared is not None and
-                                 (shared.digest == local.digest or shared.not_after >= local.not_after)):
+                                 (shared.digest == local.digest or shared.not_before >= local.not_before)):
                 continue
             record = self._shareable(domain)
             if record is None:
@@ -441,8 +494,9 @@ class ClusterNode:
             return None
         leaf = x509.load_pem_x509_certificate(data[0])
         return SharedCertificate(
-            fullchain=data[0], sealed_key=self._key.seal(domain, data[1]),
-            not_after=certified.not_after.timestamp(), serial=f"{leaf.serial_number:x}", node=self.node,
+            fullchain=data[0], sealed_key=self._key.seal(domain, data[1], data[0]),
+            not_before=leaf.not_valid_before_utc.timestamp(), not_after=certified.not_after.timestamp(),
+            serial=f"{leaf.serial_number:x}", node=self.node,
         )
 
     # ------------------------------------------------------------------ reports
@@ -495,19 +549,32 @@ class ClusterNode:
         try:
             with open(files[0][0], "rb") as f:
                 chain = f.read()
-            not_after = x509.load_pem_x509_certificate(chain).not_valid_after_utc.timestamp()
+            not_before = x509.load_pem_x509_certificate(chain).not_valid_before_utc.timestamp()
         except (OSError, ValueError):
             self._local.pop(domain, None)
             return None
-        local = LocalCertificate(files, hashlib.sha256(chain).digest(), not_after)
+        local = LocalCertificate(files, hashlib.sha256(chain).digest(), not_before)
         self._local[domain] = local
         return local
 
 
+#: Threads for etcd calls in one process: the sync, and the challenge lookups
+#: (``acme.MAX_SHARED_LOOKUPS``). Its own pool, so that a hanging etcd never takes the
+#: reactor's threads (name resolution uses those).
+ETCD_THREADS = 10
+
+
 def in_thread_pool(reactor: IReactorTime) -> RunBlocking:
-    """Blocking calls on the reactor's thread pool (the reactor is Twisted's: it has one)."""
+    """Blocking calls on a thread pool of their own, started at the first call and
+    stopped with the reactor (the reactor is Twisted's: it runs system event triggers)."""
+    pool: list[ThreadPool] = []
+
     def run(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        pooled = cast(IReactorThreads, reactor)
-        return threads.deferToThreadPool(pooled, pooled.getThreadPool(), function, *args)
+        if not pool:
+            threads_ = ThreadPool(minthreads=0, maxthreads=ETCD_THREADS, name="trackproxy-etcd")
+            threads_.start()
+            cast(IReactorCore, reactor).addSystemEventTrigger("during", "shutdown", threads_.stop)
+            pool.append(threads_)
+        return threads.deferToThreadPool(cast(IReactorThreads, reactor), pool[0], function, *args)
 
     return run

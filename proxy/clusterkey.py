@@ -4,13 +4,15 @@ etcd's data directory, its backups and anyone with read access to the prefix see
 certificates; the private keys they see only sealed. The operator provides the secret in
 ``cluster.secret_file`` (the same on every node, e.g. ``openssl rand -base64 32``); an
 AES-256-GCM key is derived from it with HKDF, and each sealed key is bound to its domain
-(the domain is the additional authenticated data), so a record copied to another domain's
-key does not open.
+and its certificate chain (both are the additional authenticated data): a record copied to
+another domain's key does not open, and nobody without the secret can pair the key with
+another chain.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import stat
 
@@ -62,22 +64,26 @@ class ClusterKey:
         except ClusterKeyError as e:
             raise ClusterKeyError(f"cluster.secret_file {path}: {e}")
 
-    def seal(self, domain: str, private_key: bytes) -> str:
+    def seal(self, domain: str, private_key: bytes, chain: bytes) -> str:
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, private_key, domain.encode("utf-8"))
+        sealed = self._aead.encrypt(nonce, private_key, _bound_to(domain, chain))
         return base64.b64encode(nonce + sealed).decode("ascii")
 
-    def open(self, domain: str, sealed: str) -> bytes:
-        """The private key ``seal`` sealed for ``domain``.
+    def open(self, domain: str, sealed: str, chain: bytes) -> bytes:
+        """The private key ``seal`` sealed for ``domain`` and ``chain``.
 
         Raises:
-            ClusterKeyError: not sealed with this secret, for this domain, or damaged.
+            ClusterKeyError: not sealed with this secret, for this domain and chain, or damaged.
         """
         try:
             raw = base64.b64decode(sealed, validate=True)
-            return self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], domain.encode("utf-8"))
+            return self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], _bound_to(domain, chain))
         except (InvalidTag, ValueError) as e:
             raise ClusterKeyError(
                 f"the private key for {domain} in etcd does not open with this node's cluster secret "
-                f"({type(e).__name__}); every node needs the same cluster.secret_file"
+                f"for its chain ({type(e).__name__}); every node needs the same cluster.secret_file"
             )
+
+
+def _bound_to(domain: str, chain: bytes) -> bytes:
+    return domain.encode("utf-8") + b"\0" + hashlib.sha256(chain).digest()

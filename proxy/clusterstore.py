@@ -207,6 +207,8 @@ class EtcdStore:
 
     def keepalive(self, lease: int) -> bool:
         answer = self._post("lease/keepalive", {"ID": lease})
+        if "error" in answer:  # a stream error (no leader for a moment): not an expiry
+            raise StoreUnreachable(f"etcd could not renew the lease: {str(answer['error'])[:200]}")
         return int(answer.get("result", {}).get("TTL", 0)) > 0
 
     def revoke(self, lease: int) -> None:
@@ -307,9 +309,24 @@ def read_token_record(value: bytes) -> tuple[str, bytes] | None:
     return domain, answer.encode("ascii", "replace")
 
 
-def publish_token(store: ClusterStore, token: str, domain: str, answer: bytes) -> None:
-    """Store one HTTP-01 answer, expiring by itself if ``cleanup`` never comes."""
-    store.put("tokens", token, token_record(domain, answer), lease=store.grant(TOKEN_TTL))
+def publish_token(store: ClusterStore, token: str, domain: str, answer: bytes) -> int:
+    """Store one HTTP-01 answer under its own lease (expiring by itself if ``cleanup``
+    never comes); the lease, which :func:`withdraw_token` revokes."""
+    lease = store.grant(TOKEN_TTL)
+    try:
+        store.put("tokens", token, token_record(domain, answer), lease=lease)
+    except StoreError:
+        withdraw_token(store, lease)
+        raise
+    return lease
+
+
+def withdraw_token(store: ClusterStore, lease: int) -> None:
+    """Revoke a token's lease, which removes the token too; best effort."""
+    try:
+        store.revoke(lease)
+    except StoreError:
+        pass
 
 
 # ---------------------------------------------------------------------------

@@ -153,13 +153,15 @@ def test_a_second_endpoint_answers_when_the_first_does_not(etcd: EtcdServer) -> 
 
 def test_a_sealed_key_opens_only_with_the_same_secret_and_domain() -> None:
     key = ClusterKey(b"s" * 32)
-    sealed = key.seal(DOMAIN, b"PRIVATE KEY")
+    sealed = key.seal(DOMAIN, b"PRIVATE KEY", b"CHAIN")
     assert b"PRIVATE" not in sealed.encode()
-    assert ClusterKey(b"s" * 32).open(DOMAIN, sealed) == b"PRIVATE KEY"
+    assert ClusterKey(b"s" * 32).open(DOMAIN, sealed, b"CHAIN") == b"PRIVATE KEY"
     with pytest.raises(ClusterKeyError, match="same cluster.secret_file"):
-        ClusterKey(b"t" * 32).open(DOMAIN, sealed)
+        ClusterKey(b"t" * 32).open(DOMAIN, sealed, b"CHAIN")
     with pytest.raises(ClusterKeyError):
-        key.open("other.example.com", sealed)
+        key.open("other.example.com", sealed, b"CHAIN")
+    with pytest.raises(ClusterKeyError):
+        key.open(DOMAIN, sealed, b"ANOTHER CHAIN")
 
 
 def test_a_short_or_world_readable_secret_is_refused(tmp_path: Path) -> None:
@@ -237,9 +239,11 @@ class Node:
     def privkey(self) -> Path:
         return self.state_dir / "certs" / DOMAIN / statedir.PRIVKEY
 
-    def deploy(self, days: float) -> bytes:
-        """What certbot's plugin would deploy: a pair valid for ``days`` from NOW."""
-        cert, key = pki.self_signed(DOMAIN, NOW - datetime.timedelta(hours=1), NOW + datetime.timedelta(days=days))
+    def deploy(self, days: float, issued_minutes_ago: float = 60) -> bytes:
+        """What certbot's plugin would deploy: a pair issued ``issued_minutes_ago`` and
+        valid for ``days`` from NOW."""
+        cert, key = pki.self_signed(DOMAIN, NOW - datetime.timedelta(minutes=issued_minutes_ago),
+                                    NOW + datetime.timedelta(days=days))
         self.fullchain.parent.mkdir(parents=True, exist_ok=True)
         statedir.write_atomically(str(self.privkey), pki.key_pem(key), 0o600)
         statedir.write_atomically(str(self.fullchain), pki.cert_pem(cert), 0o644)
@@ -320,11 +324,47 @@ def test_an_older_certificate_in_etcd_does_not_replace_a_newer_one_on_disk(
 ) -> None:
     a, b = Node("a", tmp_path, memory, clock), Node("b", tmp_path, memory, clock)
     a.sync()
-    a.deploy(days=30)
+    a.deploy(days=90, issued_minutes_ago=60)
     a.sync()
-    newer = b.deploy(days=90)
+    newer = b.deploy(days=30, issued_minutes_ago=10)  # issued later, even if it ends sooner
     b.sync()
     assert b.fullchain.read_bytes() == newer
+
+
+def test_a_reissue_that_ends_sooner_replaces_the_shared_one(tmp_path: Path, memory: MemoryStore, clock: Clock) -> None:
+    a, b = Node("a", tmp_path, memory, clock), Node("b", tmp_path, memory, clock)
+    a.sync()
+    a.deploy(days=90, issued_minutes_ago=60)
+    a.sync()
+    shorter = a.deploy(days=7, issued_minutes_ago=1)  # a forced reissue onto a shorter profile
+    a.sync()
+    assert a.fullchain.read_bytes() == shorter, "the issuer keeps what its certbot deployed"
+    b.sync()
+    assert b.fullchain.read_bytes() == shorter
+
+
+def test_a_chain_swapped_in_etcd_is_refused(tmp_path: Path, memory: MemoryStore, clock: Clock) -> None:
+    a, b = Node("a", tmp_path, memory, clock), Node("b", tmp_path, memory, clock)
+    a.sync()
+    a.deploy(days=90)
+    a.sync()
+    record = json.loads(memory.get("certs", DOMAIN) or b"")
+    other, _ = pki.self_signed(DOMAIN, NOW, NOW + datetime.timedelta(days=90))
+    record["fullchain"] = pki.cert_pem(other).decode()  # written by someone without the secret
+    memory.put("certs", DOMAIN, json.dumps(record).encode())
+    b.sync()
+    assert not b.fullchain.exists() and b.events == []
+
+
+def test_an_issuer_key_made_again_ends_the_tenure_it_replaced(tmp_path: Path, memory: MemoryStore, clock: Clock) -> None:
+    a = Node("a", tmp_path, memory, clock)
+    a.sync()
+    first = memory.keys["issuer"][1]
+    del memory.keys["issuer"]  # an operator's etcdctl del
+    a.sync()
+    assert a.events == ["elected", "deposed"] and memory.keys["issuer"][1] != first
+    a.sync()
+    assert a.events == ["elected", "deposed", "elected"]
 
 
 def test_an_expired_lease_hands_the_issuer_over_and_the_old_one_steps_down(

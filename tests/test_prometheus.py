@@ -246,7 +246,8 @@ class Prometheus:
     log_path: Path
 
     def api(self, path: str, **params: str) -> dict[str, Any]:
-        """``GET /api/v1/PATH?PARAMS``, decoded; an error answer (400, 422) too."""
+        """``GET /api/v1/PATH?PARAMS``, decoded; an error answer (400, 422) too. While
+        Prometheus is still starting it answers 503 in plain text: OSError, asked again."""
         url = f"http://{LOOPBACK}:{self.port}/api/v1/{path}"
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -254,7 +255,11 @@ class Prometheus:
             with urllib.request.urlopen(url, timeout=5) as answer:
                 return json.load(answer)
         except urllib.error.HTTPError as e:
-            return json.load(e)
+            body = e.read()
+            try:
+                return json.loads(body)
+            except ValueError:
+                raise OSError(f"prometheus answered {e.code}: {body[:100]!r}") from None
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """The instant vector ``expr`` selects now; fails on an error answer."""

@@ -63,6 +63,8 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._config: Config | None = None
+        #: token -> the etcd lease its answer is stored under (a cluster), for cleanup.
+        self._token_leases: dict[str, int] = {}
 
     @classmethod
     def add_parser_arguments(cls, add: Callable[..., None]) -> None:
@@ -127,7 +129,7 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
             except OSError as e:
                 raise errors.PluginError(f"cannot write the challenge answer: {e}") from e
             if store is not None:
-                _share_token(store, _token_of(achall), _name_of(achall), answer)
+                self._token_leases[_token_of(achall)] = _share_token(store, _token_of(achall), _name_of(achall), answer)
             responses.append(response)
         return responses
 
@@ -141,8 +143,9 @@ class Configurator(common.Installer, interfaces.Authenticator, interfaces.RenewD
                 os.unlink(os.path.join(directory, _token_of(achall)))
             except FileNotFoundError:
                 pass
-            if store is not None:
-                _unshare_token(store, _token_of(achall))
+            lease = self._token_leases.pop(_token_of(achall), None)
+            if store is not None and lease is not None:
+                _unshare_token(store, lease)
 
     def auth_hint(self, failed_achalls: list[achallenges.AnnotatedChallenge]) -> str:
         names = sorted({achall.identifier.value for achall in failed_achalls})
@@ -442,11 +445,11 @@ def _cluster_store(config: Config) -> Any:
     return etcd_store(config.cluster)
 
 
-def _share_token(store: Any, token: str, domain: str, answer: bytes) -> None:
+def _share_token(store: Any, token: str, domain: str, answer: bytes) -> int:
     from proxy.clusterstore import StoreError, publish_token
 
     try:
-        publish_token(store, token, domain, answer)
+        return int(publish_token(store, token, domain, answer))
     except StoreError as e:
         raise errors.PluginError(
             f"cannot store the challenge answer in the cluster's etcd ({e}); the CA's request "
@@ -454,10 +457,8 @@ def _share_token(store: Any, token: str, domain: str, answer: bytes) -> None:
         ) from e
 
 
-def _unshare_token(store: Any, token: str) -> None:
-    from proxy.clusterstore import StoreError
+def _unshare_token(store: Any, lease: int) -> None:
+    """Revoke the token's lease, which removes it (it expires within the hour anyway)."""
+    from proxy.clusterstore import withdraw_token
 
-    try:
-        store.delete("tokens", token)
-    except StoreError as e:  # it expires with its lease anyway
-        logger.warning("could not remove challenge token from etcd: %s", e)
+    withdraw_token(store, lease)
