@@ -209,6 +209,20 @@ def renewals(nodes: dict[str, ProxyProcess], domain: str) -> dict[str, float]:
             for name, node in nodes.items()}
 
 
+def challenges_answered(node: ProxyProcess) -> int:
+    """How many HTTP-01 requests for GOOD the node answered 200 (its access log)."""
+    count = 0
+    for line in node.log_path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if (entry.get("namespace") == "trackproxy.access" and entry.get("domain") == GOOD
+                and str(entry.get("path", "")).startswith("/.well-known/") and entry.get("status") == 200):
+            count += 1
+    return count
+
+
 def force_renewal(cluster: Cluster, issuer: str) -> None:
     done = run_trackproxy("certs", "-c", str(cluster.nodes[issuer].config_path), "renew", "--force", GOOD)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -271,6 +285,8 @@ def test_a_new_acme_domain_is_issued_once_and_served_by_all_while_the_issuer_is_
     finally:
         cluster.haproxy.set_state(issuer, "ready")
     assert shared_serial(cluster.etcd) == serial
+    answered = {name: challenges_answered(node) for name, node in cluster.nodes.items()}
+    assert answered[issuer] == 0 and sum(answered.values()) >= 1, answered  # the others served the tokens
     counted = renewals(cluster.nodes, GOOD)
     assert counted == {name: (1 if name == issuer else 0) for name in NAMES}, counted
     assert not (cluster.nodes[issuer].state_dir / "acme-challenge").exists() or not os.listdir(
