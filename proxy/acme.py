@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from proxy.clusterstore import StoreError, read_token_record
 
@@ -86,11 +87,11 @@ class SharedChallenges:
 
     def _looked_up(self, value: object, token: bytes, domain: str) -> bytes | None:
         self.in_flight -= 1
+        if isinstance(value, Failure):
+            if not value.check(StoreError):  # an unreachable etcd is reported by the cluster sync
+                log.failure("challenge lookup in etcd failed", value)
+            return None
         if not isinstance(value, bytes):
-            if value is not None:
-                error = value.value if hasattr(value, "value") else value
-                if not isinstance(error, StoreError):
-                    log.error("challenge lookup in etcd failed: {error}", error=str(error))
             return None
         record = read_token_record(value)
         if record is None or record[0] != domain:

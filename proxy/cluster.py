@@ -268,6 +268,7 @@ class ClusterNode:
     # ------------------------------------------------------------------ one sync
 
     async def _sync(self) -> None:
+        changed = False
         try:
             await self._hold_lease()
             changed = await self._mirror()
@@ -277,14 +278,14 @@ class ClusterNode:
             await self._report()
         except StoreError as e:
             self._unreachable(e)
-            return
-        if self.store_state == "unknown":
-            log.info("node {node} joined the cluster through etcd", node=self.node)
-        elif self.store_state != "ok":
-            log.info("cluster store reachable again (etcd); node {node}", node=self.node)
-        self.store_state, self.store_error = "ok", None
-        self.last_sync = self._now()
-        if changed:
+        else:
+            if self.store_state == "unknown":
+                log.info("node {node} joined the cluster through etcd", node=self.node)
+            elif self.store_state != "ok":
+                log.info("cluster store reachable again (etcd); node {node}", node=self.node)
+            self.store_state, self.store_error = "ok", None
+            self.last_sync = self._now()
+        if changed:  # written is written, whatever failed after
             self._on_mirrored()
 
     def _unreachable(self, error: StoreError) -> None:

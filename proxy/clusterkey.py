@@ -39,28 +39,14 @@ class ClusterKey:
     """
 
     def __init__(self, secret: bytes) -> None:
-        secret = secret.strip()
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ClusterKeyError(
-                f"the cluster secret has {len(secret)} bytes; at least {MIN_SECRET_BYTES} are needed "
-                "(make one with: openssl rand -base64 32)"
-            )
+        secret = _checked(secret)
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(secret)
         self._aead = AESGCM(key)
 
     @classmethod
     def from_file(cls, path: str) -> ClusterKey:
-        """Read the secret, refusing a file that others than its owner and group may read."""
         try:
-            with open(path, "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
-                secret = f.read(4096)
-        except OSError as e:
-            raise ClusterKeyError(f"cluster.secret_file {path}: {e.strerror or e}")
-        if mode & stat.S_IROTH:
-            raise ClusterKeyError(f"cluster.secret_file {path} is readable by everyone; chmod 0600 it")
-        try:
-            return cls(secret)
+            return cls(read_secret(path))
         except ClusterKeyError as e:
             raise ClusterKeyError(f"cluster.secret_file {path}: {e}")
 
@@ -83,6 +69,34 @@ class ClusterKey:
                 f"the private key for {domain} in etcd does not open with this node's cluster secret "
                 f"for its chain ({type(e).__name__}); every node needs the same cluster.secret_file"
             )
+
+
+def read_secret(path: str) -> bytes:
+    """The secret in ``path``, refusing a file everyone may read, or a secret too short
+    (what ``config`` reports at ``cluster.secret_file``, and the node reads at start).
+
+    Raises:
+        ClusterKeyError: why, without the path.
+    """
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            secret = f.read(4096)
+    except OSError as e:
+        raise ClusterKeyError(f"cannot read it: {e.strerror or e}")
+    if mode & stat.S_IROTH:
+        raise ClusterKeyError("it is readable by everyone; chmod 0600 it")
+    return _checked(secret)
+
+
+def _checked(secret: bytes) -> bytes:
+    secret = secret.strip()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ClusterKeyError(
+            f"the secret has {len(secret)} bytes; at least {MIN_SECRET_BYTES} are needed "
+            "(make one with: openssl rand -base64 32)"
+        )
+    return secret
 
 
 def _bound_to(domain: str, chain: bytes) -> bytes:

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from proxy.clusterkey import ClusterKeyError, read_secret
 from proxy.endpoints import local_address, parse_endpoint
 from proxy.presets import preset_for
 from proxy.values import normalise_domain, parse_host_port
@@ -284,11 +285,18 @@ def _read_cluster(r: Reader, node: yaml.Node | None) -> ClusterSettings | None:
     if e is not None and (settings.cert is None) != (settings.key is None):
         r.error(e["cert"][0] if "cert" in e else e["key"][0],
                 "cluster.cert and cluster.key go together (etcd's client certificate and its key)")
-    if settings.etcd and e is not None and not os.path.isfile(settings.secret_file):
-        # Without it no private key can be shared: refused here rather than at the first issuance.
+    if settings.etcd and e is not None:
+        # Without it no private key can be shared: refused here (check-config, reload, the
+        # plugin) rather than at the first issuance.
         where = e["secret_file"][1] if "secret_file" in e else e["etcd"][0]
-        r.error(where, f"cluster.secret_file: no such file {settings.secret_file!r} (the key that "
-                "encrypts private keys in etcd, the same on every node: openssl rand -base64 32)")
+        if not os.path.isfile(settings.secret_file):
+            r.error(where, f"cluster.secret_file: no such file {settings.secret_file!r} (the key that "
+                    "encrypts private keys in etcd, the same on every node: openssl rand -base64 32)")
+        else:
+            try:
+                read_secret(settings.secret_file)
+            except ClusterKeyError as error:
+                r.error(where, f"cluster.secret_file {settings.secret_file}: {error}")
     if settings.node is None:
         settings = attrs.evolve(settings, node=_NODE_NAME_UNSAFE.sub("-", socket.gethostname()) or "node")
     return settings

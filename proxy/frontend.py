@@ -108,13 +108,13 @@ def build_runtime(
 
 
 def _shared_challenges(reactor: IReactorTime, config: Config, previous: Runtime | None) -> SharedChallenges | None:
-    """On a cluster node: challenge answers from etcd (kept across reloads that leave
-    ``cluster`` alone)."""
+    """On a cluster node: challenge answers from etcd. Made at start and kept across
+    reloads, since ``cluster`` changes take effect at the next restart (README)."""
+    if previous is not None:
+        return previous.router.shared_challenges
     settings = config.cluster
     if settings is None or not settings.etcd:
         return None
-    if previous is not None and previous.config.cluster == settings and previous.router.shared_challenges is not None:
-        return previous.router.shared_challenges
     return SharedChallenges(etcd_store(settings), in_thread_pool(reactor))
 
 

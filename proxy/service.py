@@ -210,7 +210,7 @@ class Management:
             config=lambda: self.config, records=lambda: self.renewals.records,
             on_elected=self._elected, on_deposed=self.renewals.pause, on_mirrored=self.check_certificates,
         )
-        self.renewals.active = False
+        self.renewals.pause()
         self.metrics.watch_cluster(node)
         return node
 
@@ -221,8 +221,8 @@ class Management:
             self.cluster.sync_soon()
 
     def _elected(self) -> None:
-        self.renewals.active = True
         self._update_renewals()
+        self.renewals.resume()
 
     def _preflight_for(self, config: Config, previous: Config | None) -> Preflight:
         """Keep the resolver while ``resolvers`` stays the same (the system's re-reads
@@ -315,7 +315,10 @@ class Management:
         if config.listen != self.config.listen:
             log.warn("listener changes in {config} take effect at the next restart", config=path)
         if config.cluster != self.config.cluster:
+            # Kept whole until a restart: a node half in the old cluster and half in the new
+            # one (its lease in one, its token lookups in the other) would serve neither.
             log.warn("cluster changes in {config} take effect at the next restart", config=path)
+            config = attrs.evolve(config, cluster=self.config.cluster)
         return config, text
 
     def _accept_reload(self, config: Config) -> None:

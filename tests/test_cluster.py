@@ -9,6 +9,7 @@ node between two of them as a stopped process would be.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import stat
@@ -497,3 +498,66 @@ def test_malformed_tokens_and_floods_never_reach_the_store(memory: MemoryStore) 
 def test_an_unreachable_store_answers_no_such_challenge(memory: MemoryStore) -> None:
     memory.reachable = False
     assert SharedChallenges(memory, instantly).answer(b"token", DOMAIN).result is None  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------
+# The wiring: ProxyService on a cluster, in memory
+
+
+class Certbot:
+    """Records each certbot run a node would start (none finishes)."""
+
+    def __init__(self) -> None:
+        self.domains: list[str] = []
+
+    def issue(self, config_path: str, state_dir: str, acme: Any, domain: str, force: bool) -> defer.Deferred[Any]:
+        self.domains.append(domain)
+        return defer.Deferred()
+
+    def stop(self) -> None:
+        pass
+
+
+def cluster_service(tmp_path: Path, name: str, memory: MemoryStore) -> tuple[Any, Certbot, Path]:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from proxy.config import load_config
+    from proxy.service import ProxyService
+
+    secret = tmp_path / "cluster.key"
+    if not secret.exists():
+        secret.write_bytes(b"k" * 44)
+        secret.chmod(0o600)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        'listen: {http: ["tcp:0"], https: ["tcp:0"], admin: ["tcp:0:interface=127.0.0.1"]}\n'
+        f"state_dir: {tmp_path / name}\n"
+        f"cluster: {{etcd: ['http://127.0.0.1:2379'], node: {name}, secret_file: {secret}}}\n"
+        f"domains: {{{DOMAIN}: {{certificate: acme}}}}\n"
+    )
+    certbot = Certbot()
+    service = ProxyService(MemoryReactorClock(), load_config(str(path)), issuer=certbot, out=io.StringIO(),
+                           now=lambda: NOW, cluster_store=memory, run_blocking=instantly)
+    service._preflight = None  # type: ignore[assignment]  # no DNS in memory: straight to certbot
+    service.start()
+    return service, certbot, path
+
+
+def test_only_the_elected_node_runs_certbot(tmp_path: Path, memory: MemoryStore) -> None:
+    a, a_certbot, _ = cluster_service(tmp_path, "a", memory)
+    b, b_certbot, _ = cluster_service(tmp_path, "b", memory)
+    assert a.cluster.is_issuer and not b.cluster.is_issuer
+    assert a_certbot.domains == [DOMAIN] and b_certbot.domains == []
+    assert b.status()["cluster"]["issuer"] == "a"
+    assert b.status()["domains"][DOMAIN]["certificate"]["status"] == "pending"
+
+
+def test_a_reload_that_changes_cluster_keeps_the_one_it_started_with(tmp_path: Path, memory: MemoryStore) -> None:
+    service, _, path = cluster_service(tmp_path, "a", memory)
+    shared = service.runtime.router.shared_challenges
+    started_with = service.config.cluster
+    path.write_text(path.read_text().replace("node: a", "node: renamed"))
+    ok, _ = service.reload()
+    assert ok
+    assert service.config.cluster == started_with
+    assert service.runtime.router.shared_challenges is shared is not None

@@ -1557,9 +1557,22 @@ def test_a_cluster_section_without_etcd_is_read_and_changes_nothing():
     assert config.cluster.etcd == ()
 
 
+@pytest.mark.parametrize(("content", "mode", "message"), [
+    ("x" * 44, 0o644, "is readable by everyone; chmod 0600 it"),
+    ("short\n", 0o600, "the secret has 5 bytes; at least 32 are needed"),
+], ids=["world-readable", "short"])
+def test_an_unsafe_cluster_secret_is_an_error_at_its_position(tmp_path, content, mode, message):
+    secret = tmp_path / "cluster.key"
+    secret.write_text(content)
+    secret.chmod(mode)
+    error = only_error(f"cluster: {{etcd: ['http://127.0.0.1:2379'], secret_file: {secret}}}\n" + ONE_DOMAIN)
+    assert (error.line, error.column) == (1, 57) and message in error.message, str(error)
+
+
 def test_a_cluster_is_read_with_the_host_name_as_its_node_by_default(tmp_path):
     secret = tmp_path / "cluster.key"
     secret.write_text("x" * 44)
+    secret.chmod(0o600)
     config = parse(
         f"cluster: {{etcd: ['http://127.0.0.1:2379', 'https://10.0.0.6:2379'], secret_file: {secret}}}\n"
         + ONE_DOMAIN

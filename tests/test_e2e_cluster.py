@@ -285,6 +285,8 @@ def test_a_new_acme_domain_is_issued_once_and_served_by_all_while_the_issuer_is_
     finally:
         cluster.haproxy.set_state(issuer, "ready")
     assert shared_serial(cluster.etcd) == serial
+    tokens, _ = EtcdStore((cluster.etcd.url,), PREFIX).changed_since("tokens", 0)
+    assert tokens == [], "the plugin's cleanup withdrew its tokens from etcd"
     answered = {name: challenges_answered(node) for name, node in cluster.nodes.items()}
     assert answered[issuer] == 0 and sum(answered.values()) >= 1, answered  # the others served the tokens
     counted = renewals(cluster.nodes, GOOD)
